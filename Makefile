@@ -1,0 +1,28 @@
+# The two commands of the quick start: `make demo` and `make test`.
+PYTHON ?= python3
+DEMO := data/demo
+DEMO_CKPT := runs/demo
+DEMO_PRED := predictions/demo
+
+.PHONY: install demo test clean-demo
+
+# Installs the pinned requirements only when one of them is missing or at another
+# version (pip would take ~10 s to say so; the check takes ~1 s).
+install:
+	@$(PYTHON) tools/check_requirements.py requirements.txt || $(PYTHON) -m pip install -q -r requirements.txt
+
+demo: install
+	$(PYTHON) tools/make_demo_data.py --out $(DEMO) --num_images 600
+	$(PYTHON) main.py --train --img_path $(DEMO)/images --train_csv_file $(DEMO)/train_labels.csv \
+		--val_csv_file $(DEMO)/val_labels.csv --ckpt_path $(DEMO_CKPT) --snapshot_dir snapshots/demo \
+		--base_model tiny_cnn --pretrained none --conv_base_lr 0.01 --dense_lr 0.01 --decay --lr_decay_freq 10 \
+		--epochs 30 --train_batch_size 32 --num_workers 2 --seed 0 --quiet
+	$(PYTHON) test.py --model $(DEMO_CKPT)/best.pth --test_csv $(DEMO)/test_labels.csv --test_images $(DEMO)/images \
+		--predictions $(DEMO_PRED) --workers 2 --quiet
+	@echo "demo: checkpoints in $(DEMO_CKPT), predictions and metrics.json in $(DEMO_PRED), pictures in snapshots/demo"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO) $(DEMO_CKPT) $(DEMO_PRED)

@@ -1,0 +1,150 @@
+"""Label CSVs (design.md 3.3): one row per image, the id then 10 numbers for ratings 1..10.
+
+The numbers may be vote counts or probabilities; each row is normalised to sum 1.
+A header row is recognised (its rating cells are not numbers) and skipped; every
+other row is kept or reported. All problems of a file are reported together, each
+with its line and column, before any training starts.
+"""
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .images import PREFERRED_EXTENSIONS, is_image_file
+
+NUM_BINS = 10
+MAX_PROBLEMS_SHOWN = 30
+
+
+class LabelFileError(ValueError):
+    def __init__(self, csv_path, problems):
+        self.csv_path, self.problems = csv_path, problems
+        shown = "\n".join(f"  {csv_path}:{p}" for p in problems[:MAX_PROBLEMS_SHOWN])
+        more = len(problems) - MAX_PROBLEMS_SHOWN
+        if more > 0:
+            shown += f"\n  ... and {more} more"
+        super().__init__(f"{csv_path}: {len(problems)} problem(s):\n{shown}")
+
+
+@dataclass
+class LabelTable:
+    csv_path: str
+    ids: list = field(default_factory=list)     # image ids as written in the CSV
+    paths: list = field(default_factory=list)   # image file for each id
+    lines: list = field(default_factory=list)   # 1-based line of each row in the CSV
+    dists: np.ndarray = None                    # (N, 10) float32 rows summing to 1, or None without labels
+
+    def __len__(self):
+        return len(self.ids)
+
+
+class ImageIndex:
+    """Resolve image ids to files in one folder, listing the folder once (fast on 255k files)."""
+
+    def __init__(self, img_path):
+        self.img_path = img_path
+        try:
+            self.names = {e.name for e in os.scandir(img_path) if e.is_file()}
+        except OSError:
+            self.names = set()
+        self.by_stem = None
+
+    def resolve(self, image_id: str):
+        """The file for `image_id`, or None when there is none."""
+        if os.sep in image_id or "/" in image_id:  # ids with sub-folders: ask the file system
+            candidates = [image_id] if is_image_file(image_id) else [image_id + e for e in PREFERRED_EXTENSIONS]
+            return next((os.path.join(self.img_path, c) for c in candidates
+                         if os.path.isfile(os.path.join(self.img_path, c))), None)
+        if is_image_file(image_id) and image_id in self.names:
+            return os.path.join(self.img_path, image_id)
+        for ext in PREFERRED_EXTENSIONS:
+            if image_id + ext in self.names:
+                return os.path.join(self.img_path, image_id + ext)
+        if self.by_stem is None:  # any other image extension: index by stem once
+            self.by_stem = {}
+            for name in sorted(self.names):
+                if is_image_file(name):
+                    self.by_stem.setdefault(os.path.splitext(name)[0], name)
+        name = self.by_stem.get(image_id)
+        return os.path.join(self.img_path, name) if name else None
+
+
+def _parse_number(text):
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value
+
+
+def read_label_csv(csv_path, img_path, require_labels=True, require_images=True) -> LabelTable:
+    """Read and validate a label CSV; raise LabelFileError listing every bad row.
+
+    require_labels: every row must carry 10 ratings (training, validation).
+    require_images: a row whose image is missing is an error; otherwise it is kept with
+    its expected path, and the image loader reports it (inference writes errors.csv).
+    """
+    if not os.path.isfile(csv_path):
+        raise LabelFileError(csv_path, ["0: no such file"])
+    index = ImageIndex(img_path)
+    table, problems, rows = LabelTable(csv_path), [], []
+    seen = {}
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        first = True
+        for cells in reader:
+            line = reader.line_num
+            cells = [c.strip() for c in cells]
+            if not cells or all(c == "" for c in cells):
+                continue
+            if first:
+                first = False
+                if len(cells) > 1 and all(_parse_number(c) is None for c in cells[1:]):
+                    continue  # a header row
+            row_problems = []
+            if len(cells) not in (1, NUM_BINS + 1) or (require_labels and len(cells) != NUM_BINS + 1):
+                valid = f"{NUM_BINS + 1}" if require_labels else f"1 (id only) or {NUM_BINS + 1}"
+                problems.append(f"{line}: has {len(cells)} columns, expected {valid} (image id, then votes for ratings 1..10)")
+                continue
+            image_id = cells[0]
+            if not image_id:
+                row_problems.append(f"{line}, column 1: empty image id")
+            elif image_id in seen:
+                row_problems.append(f"{line}, column 1: duplicate image id {image_id!r} (first on line {seen[image_id]})")
+            else:
+                seen[image_id] = line
+            values = []
+            for col, text in enumerate(cells[1:], start=2):
+                value = _parse_number(text)
+                if value is None or not math.isfinite(value):
+                    row_problems.append(f"{line}, column {col}: {text!r} is not a finite number")
+                elif value < 0:
+                    row_problems.append(f"{line}, column {col}: negative value {text}")
+                values.append(value)
+            if values and not row_problems and sum(values) <= 0:
+                row_problems.append(f"{line}, columns 2-{NUM_BINS + 1}: all-zero distribution (no votes)")
+            path = index.resolve(image_id) if image_id else None
+            if path is None and image_id:
+                if require_images:
+                    row_problems.append(f"{line}, column 1: image {image_id!r} not found in {img_path}")
+                path = os.path.join(img_path, image_id if is_image_file(image_id) else image_id + ".jpg")
+            problems.extend(row_problems)
+            if not row_problems:
+                rows.append((image_id, path, line, values))
+    if problems:
+        raise LabelFileError(csv_path, problems)
+    if not rows:
+        raise LabelFileError(csv_path, ["0: no data rows"])
+    widths = {len(r[3]) for r in rows}
+    if len(widths) > 1:
+        raise LabelFileError(csv_path, ["0: some rows have ratings and others do not; give all or none"])
+    table.ids = [r[0] for r in rows]
+    table.paths = [r[1] for r in rows]
+    table.lines = [r[2] for r in rows]
+    if widths == {NUM_BINS}:
+        counts = np.asarray([r[3] for r in rows], dtype=np.float64)
+        table.dists = (counts / counts.sum(axis=1, keepdims=True)).astype(np.float32)
+    return table
+

@@ -1,0 +1,87 @@
+"""Distributed mode from torchrun's environment; a plain run never touches torch.distributed."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device_request: str, timeout_s: int = 600) -> tuple:
+    """Return (DistInfo, torch.device). Under torchrun (WORLD_SIZE > 1) join the process
+    group: NCCL on GPUs, gloo on CPU, with a timeout so a dead rank ends the job
+    instead of hanging it."""
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+    device = pick_device(device_request, info.local_rank)
+    if info.enabled:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return info, device
+
+
+def pick_device(request: str, local_rank: int = 0) -> torch.device:
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    if request.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {request}: CUDA is not available here; use --device cpu")
+        return torch.device(request if ":" in request else f"cuda:{local_rank}")
+    if request != "cpu":
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {request!r}")
+    return torch.device("cpu")
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_objects(info: DistInfo, obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in a plain run)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(info: DistInfo, obj):
+    """Rank 0's `obj` on every rank, so all ranks take the same decision."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_reduce_sum(info: DistInfo, values: list) -> list:
+    if not info.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().tolist()

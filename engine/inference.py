@@ -1,0 +1,100 @@
+"""Scoring a list of images with a trained model, and writing the prediction files
+(design.md 3.5) atomically."""
+import csv
+import io
+import os
+
+import numpy as np
+import torch
+
+from dataset import ImageDataset, ShardSampler, TTACrops, eval_transform
+
+from .fileio import atomic_write_json, atomic_write_text
+from .metrics import compute_metrics, mean_and_std
+from .training import gather_predictions, predict
+
+
+def make_loader(dataset, batch_size, workers, rt, sampler=None, shuffle=False, drop_last=False, generator=None):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle, num_workers=workers,
+        pin_memory=rt.device.type == "cuda", drop_last=drop_last, generator=generator,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_sigint)
+
+
+def ignore_sigint(_worker_id):
+    """Ctrl-C reaches the whole process group: let the main process handle it alone
+    (it saves a checkpoint), instead of every loader worker dying at once."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def inference_dataset(paths, model_args, dists=None, tta=1):
+    transform = eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
+    size = model_args["image_size"]
+    shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
+    return ImageDataset(paths, transform, dists, image_shape=shape)
+
+
+def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1):
+    """Predicted distributions for `paths`: (indices of readable images, (N, 10) dists,
+    [(index, reason)] for the rest). Every item once, across ranks."""
+    dataset = inference_dataset(paths, model_args, tta=tta)
+    sampler = ShardSampler(len(dataset), rt.dist.world_size, rt.dist.rank)
+    loader = make_loader(dataset, batch_size, workers, rt, sampler=sampler)
+    return gather_predictions(rt, *predict(model, loader, rt, desc="score"))
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6f}"
+
+
+def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> dict:
+    """Write predictions.csv, pred.txt, metrics.json (with labels) and errors.csv (when some
+    inputs failed) into `out_dir`, replacing a previous run's files. Returns the metrics
+    ({} without labels)."""
+    os.makedirs(out_dir, exist_ok=True)
+    pred_mean, pred_std = mean_and_std(pred_dists)
+    has_gt = true_dists is not None and len(ids) > 0
+    if has_gt:
+        gt_mean, gt_std = mean_and_std(true_dists)
+    table, lines = io.StringIO(), []
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["image_id", "mean", "std"] + [f"p{k}" for k in range(1, 11)] + (["gt_mean", "gt_std"] if has_gt else []))
+    for n, image_id in enumerate(ids):
+        row = [image_id, _fmt(pred_mean[n]), _fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
+        line = f"{image_id} mean: {pred_mean[n]:.3f} | std: {pred_std[n]:.3f}"
+        if has_gt:
+            row += [_fmt(gt_mean[n]), _fmt(gt_std[n])]
+            line += f" | GT: {gt_mean[n]:.3f}"
+        writer.writerow(row)
+        lines.append(line)
+    atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
+    atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
+    metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
+    _write_or_remove(os.path.join(out_dir, "metrics.json"), metrics, atomic_write_json)
+    err = io.StringIO()
+    csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
+    _write_or_remove(os.path.join(out_dir, "errors.csv"), list(errors), lambda p, _: atomic_write_text(p, err.getvalue()))
+    return metrics
+
+
+def _write_or_remove(path, content, write):
+    """Write `content`, or remove a stale file from an earlier run when there is none."""
+    if content:
+        write(path, content)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def run_on_table(model, model_args, table, rt, out_dir, batch_size, workers, tta=1, ids=None):
+    """Score every image of a label table (or id list) and write the prediction files.
+    Returns (metrics, errors, kept indices, predicted dists)."""
+    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta)
+    ids = ids if ids is not None else table.ids
+    errors = [(table.paths[i], reason) for i, reason in failures]
+    metrics = {}
+    if rt.dist.is_main:
+        true = None if table.dists is None else np.asarray(table.dists)[indices]
+        metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors)
+    return metrics, errors, indices, dists

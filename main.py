@@ -1,0 +1,360 @@
+"""Train NIMA (and evaluate it on a test split).
+
+    python main.py --train --img_path IMAGES --train_csv_file train.csv --val_csv_file val.csv \
+        --ckpt_path ckpts --conv_base_lr 3e-4 --dense_lr 3e-3 --decay --epochs 100 --early_stopping_patience 10
+
+Runs on CUDA when present, CPU otherwise; under torchrun it trains with DDP.
+Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
+--strict_images); 2 bad usage or configuration, reported before any heavy work;
+130/143 stopped by SIGINT/SIGTERM after saving last.pth.
+"""
+import argparse
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
+from engine import distributed
+from engine.fileio import OutputWriteError, check_writable
+from engine.inference import inference_dataset, make_loader, run_on_table
+from engine.metrics import format_table
+from engine.plots import plot_curves
+from engine.run_state import MONITORS, MetricsLog, RunState, checkpoint_dict, restore, save_run_checkpoints, signed
+from engine.runtime import Runtime, resolve_speed_flags
+from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, evaluate, train_one_epoch
+from model import (CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones,
+                   load_for_inference, save_checkpoint, strip_wrapper_prefixes)
+from model.checkpoint import is_released_state_dict, read_checkpoint_file
+
+
+class UsageError(ValueError):
+    pass
+
+
+class StopRequested(Exception):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+def str2bool(text):
+    """--multi_gpu / --warm_start: the reference parsed them with type=bool, so any string
+    (even 'False') meant True. Accept a bare flag, or an explicit true/false."""
+    if isinstance(text, bool):
+        return text
+    if text.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Train NIMA with the Earth Mover's Distance loss.")
+    g = p.add_argument_group("data (the reference's flags)")
+    g.add_argument("--img_path", default="./data/images/", help="folder of the images named in the CSVs")
+    g.add_argument("--train_csv_file", default="./data/train_labels.csv")
+    g.add_argument("--val_csv_file", default="./data/val_labels.csv")
+    g.add_argument("--test_csv_file", default="./data/test_labels.csv")
+    g = p.add_argument_group("what to run")
+    g.add_argument("--train", action="store_true", help="train")
+    g.add_argument("--test", action="store_true", help="evaluate the best checkpoint on --test_csv_file")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--conv_base_lr", type=float, default=3e-4, help="learning rate of the conv base")
+    g.add_argument("--dense_lr", type=float, default=3e-3, help="learning rate of the head")
+    g.add_argument("--decay", action="store_true", help="multiply the learning rates by --lr_decay_rate every --lr_decay_freq epochs")
+    g.add_argument("--lr_decay_rate", type=float, default=0.95)
+    g.add_argument("--lr_decay_freq", type=int, default=10)
+    g.add_argument("--train_batch_size", type=int, default=128, help="per process under torchrun")
+    g.add_argument("--val_batch_size", type=int, default=128)
+    g.add_argument("--test_batch_size", type=int, default=128)
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--early_stopping_patience", "--early_stoppping_patience", dest="early_stopping_patience",
+                   type=int, default=10, help="epochs without improvement of --monitor before stopping")
+    g.add_argument("--monitor", default="val_emd", choices=MONITORS, help="validation metric for early stopping and best.pth")
+    g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch, the shuffle and the augmentations")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--ckpt_path", default="./ckpts", help="folder for epoch-N.pth, best.pth, last.pth, metrics.jsonl")
+    g.add_argument("--resume", default=None, help="PATH of a checkpoint of ours, or 'auto' (last.pth in --ckpt_path if it exists)")
+    g.add_argument("--warm_start", type=str2bool, nargs="?", const=True, default=False,
+                   help="start from the weights of epoch-<warm_start_epoch>.pth in --ckpt_path")
+    g.add_argument("--warm_start_epoch", type=int, default=0)
+    g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps within an epoch (0: off)")
+    g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <ckpt_path>/tensorboard)")
+    g.add_argument("--snapshot_dir", default=None, help="folder for curves.png (default: snapshots/<name of ckpt_path>)")
+    g.add_argument("--save_fig", action="store_true", help="kept for the reference's users: curves.png is now always saved")
+    g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
+    g = p.add_argument_group("model")
+    g.add_argument("--base_model", default="vgg16", help=f"one of: {', '.join(list_backbones())}")
+    g.add_argument("--pretrained", default="imagenet", help="imagenet (torchvision's weights), none, or PATH of a torchvision weights file")
+    g.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's, 224 for vgg16)")
+    g.add_argument("--resize_size", type=int, default=None, help="shorter side before cropping (default: the backbone's, 256 for vgg16)")
+    g.add_argument("--normalize", choices=["imagenet", "none"], default=None, help="input normalisation (default: the backbone's)")
+    g.add_argument("--dropout", type=float, default=0.75)
+    g = p.add_argument_group("hardware")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--multi_gpu", type=str2bool, nargs="?", const=True, default=False,
+                   help="reference flag: now means DDP; prints the torchrun command to use")
+    g.add_argument("--gpu_ids", type=int, nargs="+", default=None, help="with --multi_gpu: the GPUs to use")
+    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
+    g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_model_args(args, resume_ckpt=None) -> dict:
+    """Construction arguments: a resumed checkpoint's, else the backbone's defaults with
+    the flags that override them."""
+    if resume_ckpt is not None:
+        return dict(resume_ckpt["model_args"])
+    model_args = default_model_args(args.base_model)  # raises with the valid names
+    for key in ("image_size", "resize_size", "normalize"):
+        if getattr(args, key) is not None:
+            model_args[key] = getattr(args, key)
+    model_args["dropout"] = args.dropout
+    if model_args["image_size"] < 32:
+        raise UsageError(f"--image_size must be at least 32, got {model_args['image_size']}")
+    if model_args["resize_size"] < model_args["image_size"]:
+        raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    return model_args
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint dict to resume from, or None for a fresh start."""
+    if args.resume is None:
+        return None
+    path = os.path.join(args.ckpt_path, "last.pth") if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(path):
+        return None
+    ckpt = read_checkpoint_file(path)
+    if not (isinstance(ckpt, dict) and "optimizer" in ckpt and "model_args" in ckpt):
+        raise UsageError(f"--resume {path}: not a training checkpoint of ours (no optimizer state); "
+                         f"to start from the weights of a released model use --warm_start")
+    return ckpt
+
+
+def check_usage(args) -> None:
+    if not (args.train or args.test):
+        raise UsageError("nothing to do: pass --train, --test or both")
+    for name in ("train_batch_size", "val_batch_size", "test_batch_size", "epochs", "lr_decay_freq"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.num_workers < 0 or args.save_every_steps < 0 or args.early_stopping_patience < 1:
+        raise UsageError("--num_workers and --save_every_steps must be >= 0 and --early_stopping_patience >= 1")
+    if args.resume and args.warm_start:
+        raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
+                         "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
+
+
+def main(args) -> int:
+    if args.multi_gpu and "WORLD_SIZE" not in os.environ:
+        n = len(args.gpu_ids) if args.gpu_ids else max(torch.cuda.device_count(), 1)
+        env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, args.gpu_ids))} " if args.gpu_ids else ""
+        print(f"--multi_gpu now trains with DistributedDataParallel, one process per GPU. Run:\n"
+              f"  {env}torchrun --standalone --nproc_per_node={n} main.py {' '.join(a for a in sys.argv[1:] if a != '--multi_gpu')}",
+              file=sys.stderr)
+        return 2
+    try:
+        check_usage(args)
+        dist_info, device = distributed.setup(args.device)
+    except (UsageError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
+    rt = Runtime(device, amp, channels_last, dist_info, show_progress=not args.quiet)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        code = 0
+        if args.train:
+            code = train(args, rt)
+        if args.test and code == 0:
+            code = test_split(args, rt)
+        return code
+    except (UsageError, ValueError, LabelFileError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def train(args, rt) -> int:
+    log = print if rt.dist.is_main else (lambda *a, **k: None)
+    # Everything that can be wrong with the configuration is found here, in seconds.
+    resume_ckpt = find_resume_checkpoint(args)
+    model_args = resolve_model_args(args, resume_ckpt)
+    train_table = read_label_csv(args.train_csv_file, args.img_path)
+    val_table = read_label_csv(args.val_csv_file, args.img_path)
+    if rt.dist.is_main:
+        check_writable(args.ckpt_path)
+    set_seed(args.seed)
+    pretrained = "none" if (resume_ckpt or args.warm_start) else args.pretrained
+    model = build_model(model_args, pretrained=pretrained).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.param_groups(args.conv_base_lr, args.dense_lr), momentum=0.9,
+                                foreach=True if rt.device.type == "cuda" else None)
+    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_freq, gamma=args.lr_decay_rate)
+                 if args.decay else None)
+    state = RunState()
+    if resume_ckpt is not None:
+        state = restore(resume_ckpt, model, optimizer, scheduler)
+        log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
+    elif args.warm_start:
+        state.epoch = warm_start(args, model, model_args)
+        log(f"warm start from epoch-{args.warm_start_epoch}.pth")
+
+    net = torch.compile(model) if args.compile else model
+    if rt.dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, model_args["image_size"], model_args["image_size"]))
+    sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
+    # drop_last only under --compile, where a smaller last batch would trigger a recompile.
+    train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
+    val_set = inference_dataset(val_table.paths, model_args, val_table.dists)
+    val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
+                             sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
+
+    log_dir = args.log_dir or os.path.join(args.ckpt_path, "tensorboard")
+    snapshot_dir = args.snapshot_dir or os.path.join("snapshots", os.path.basename(os.path.normpath(args.ckpt_path)))
+    writer, metrics_log = None, None
+    if rt.dist.is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(log_dir)
+        metrics_log = MetricsLog(os.path.join(args.ckpt_path, "metrics.jsonl"), state.epoch)
+
+    stop = {"signum": None}
+    handlers = install_stop_handlers(stop)
+
+    def save_last(progress=None):
+        if rt.dist.is_main:
+            state.partial_epoch = progress.to_dict() if progress is not None else None
+            save_checkpoint(os.path.join(args.ckpt_path, "last.pth"),
+                            checkpoint_dict(model, optimizer, scheduler, state, args, model_args))
+
+    def on_step(progress):
+        if stop["signum"] is not None:
+            save_last(progress)
+            raise StopRequested(stop["signum"])
+        if args.save_every_steps and progress.steps % args.save_every_steps == 0:
+            save_last(progress)
+
+    log(f"training {model_args['base_model']} on {len(train_set)} images, validating on {len(val_set)}, "
+        f"{rt.device}{', bf16' if rt.amp else ''}{', channels_last' if rt.channels_last else ''}"
+        f"{', compiled' if args.compile else ''}{f', {rt.dist.world_size} processes' if rt.dist.enabled else ''}")
+    steps_per_epoch = sampler.per_rank() // args.train_batch_size if args.compile else math.ceil(sampler.per_rank() / args.train_batch_size)
+    try:
+        for epoch in range(state.epoch + 1, args.epochs + 1):
+            progress = EpochProgress.from_dict(state.partial_epoch)
+            state.partial_epoch = None
+            sampler.set_epoch(epoch, start=progress.samples)
+            torch.manual_seed(args.seed * 1000 + epoch)  # dropout masks: a function of (seed, epoch)
+            lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+            progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
+                                       paths=train_table.paths, writer=writer, global_step=(epoch - 1) * steps_per_epoch,
+                                       on_step=on_step, log=log)
+            train_loss = epoch_train_loss(rt, progress)
+            val, val_errors = evaluate(net, val_loader, rt, val_table.dists)
+            if scheduler is not None:
+                scheduler.step()
+            monitored = val[args.monitor[len("val_"):]]
+            improved = state.improves(args.monitor, monitored)
+            if improved:
+                state.best_val_loss, state.epochs_without_improvement = signed(args.monitor, monitored), 0
+            else:
+                state.epochs_without_improvement += 1
+            state.epoch = epoch
+            record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
+                      "seconds": progress.seconds, "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
+                      "skipped_images": len(progress.skipped), "val_unreadable_images": len(val_errors)}
+            if rt.dist.is_main:
+                metrics_log.append(record)  # before the checkpoint: see MetricsLog
+                save_run_checkpoints(args.ckpt_path, checkpoint_dict(model, optimizer, scheduler, state, args, model_args), improved)
+                for key, value in record.items():
+                    if key != "epoch" and isinstance(value, (int, float)):
+                        writer.add_scalar(f"epoch/{key}", value, epoch)
+                writer.flush()
+                plot_curves(metrics_log.records, os.path.join(snapshot_dir, "curves.png"), args.monitor)
+            log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
+                f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
+                + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
+                + (f"  skipped {len(progress.skipped)} unreadable" if progress.skipped else ""))
+            if state.epochs_without_improvement >= args.early_stopping_patience:
+                log(f"early stopping: {args.monitor} has not improved for {args.early_stopping_patience} epochs")
+                break
+    except StopRequested as exc:
+        log(f"stopped by signal {exc.signum}; saved {os.path.join(args.ckpt_path, 'last.pth')} "
+            f"(resume with --resume {os.path.join(args.ckpt_path, 'last.pth')})")
+        return 128 + exc.signum
+    except (NonFiniteLossError, BadImageError) as exc:
+        print(f"error: {exc}. The last good checkpoint in {args.ckpt_path} is intact.", file=sys.stderr)
+        return 1
+    finally:
+        restore_handlers(handlers)
+        if writer is not None:
+            writer.close()
+    log(f"done: best {args.monitor} {signed(args.monitor, state.best_val_loss):.4f}; checkpoints in {args.ckpt_path}")
+    return 0
+
+
+def warm_start(args, model, model_args) -> int:
+    """The reference's warm start: weights of epoch-N.pth in --ckpt_path (ours or the
+    released format), then continue counting epochs from N."""
+    path = os.path.join(args.ckpt_path, f"epoch-{args.warm_start_epoch}.pth")
+    ckpt = read_checkpoint_file(path)
+    state = strip_wrapper_prefixes(ckpt if is_released_state_dict(ckpt) else ckpt["model"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--warm_start: {path} does not fit a {model_args['base_model']} NIMA: {exc}") from exc
+    return args.warm_start_epoch
+
+
+def install_stop_handlers(stop: dict) -> dict:
+    """SIGINT/SIGTERM ask the loop to save last.pth after the current step, then stop."""
+    def handler(signum, _frame):
+        if stop["signum"] is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop["signum"] = signum
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def restore_handlers(handlers: dict) -> None:
+    for sig, old in handlers.items():
+        signal.signal(sig, old)
+
+
+def test_split(args, rt) -> int:
+    """--test: score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under
+    --warm_start) and write predictions and metrics into <ckpt_path>/test."""
+    name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
+    path = os.path.join(args.ckpt_path, name)
+    table = read_label_csv(args.test_csv_file, args.img_path, require_labels=False, require_images=False)
+    model, model_args = load_for_inference(path, rt.device)
+    out_dir = os.path.join(args.ckpt_path, "test")
+    metrics, errors, _, _ = run_on_table(model, model_args, table, rt, out_dir, args.test_batch_size, args.num_workers)
+    if rt.dist.is_main:
+        print(f"test set ({path}) -> {out_dir}")
+        if metrics:
+            print(format_table(metrics))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

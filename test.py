@@ -1,0 +1,89 @@
+"""Score images with a trained NIMA model.
+
+    python test.py --model CKPT --test_csv test.csv --test_images IMAGES --predictions OUT
+    python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png' --predictions OUT
+
+Writes predictions.csv, pred.txt, and with labels metrics.json (design.md 3.5).
+Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
+written); 2 bad usage or unreadable checkpoint/CSV.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+from dataset import LabelFileError, find_images, read_label_csv
+from dataset.labels import LabelTable
+from dataset.transforms import MAX_TTA
+from engine.distributed import pick_device
+from engine.fileio import OutputWriteError
+from engine.inference import run_on_table
+from engine.metrics import format_table
+from engine.runtime import Runtime, resolve_speed_flags
+from model import CheckpointError, load_for_inference
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.")
+    p.add_argument("--model", required=True, help="checkpoint: ours (epoch-N.pth, best.pth, last.pth) or the reference's released state_dict")
+    p.add_argument("--test_csv", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
+    p.add_argument("--test_images", required=True, help="image folder for --test_csv; otherwise one image, a folder (recursive) or a quoted glob")
+    p.add_argument("--predictions", default="predictions", help="output folder (files are replaced atomically)")
+    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
+    p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def load_inputs(args) -> tuple:
+    """(table of images to score, ids to write). Raises LabelFileError / ValueError."""
+    if args.test_csv:
+        table = read_label_csv(args.test_csv, args.test_images, require_labels=False, require_images=False)
+        return table, table.ids
+    root, paths = find_images(args.test_images)
+    if not paths:
+        raise ValueError(f"--test_images {args.test_images!r}: no image files found (looked for {', '.join(('.jpg', '.png', '.webp', '...'))})")
+    ids = [os.path.relpath(p, root) for p in paths]
+    return LabelTable(csv_path="", ids=ids, paths=paths, lines=[], dists=None), ids
+
+
+def main(args) -> int:
+    try:
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+        device = pick_device(args.device)
+        table, ids = load_inputs(args)
+        model, model_args = load_for_inference(args.model, device)
+        if not 1 <= args.tta <= MAX_TTA:
+            raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
+    except (ValueError, LabelFileError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
+    rt = Runtime(device=device, amp=amp, channels_last=channels_last, show_progress=not args.quiet)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    try:
+        metrics, errors, indices, _ = run_on_table(model, model_args, table, rt, args.predictions,
+                                                   args.batch_size, args.workers, args.tta, ids=ids)
+    except OutputWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"scored {len(indices)} of {len(ids)} images -> {os.path.join(args.predictions, 'predictions.csv')}, pred.txt")
+    if metrics:
+        print(format_table(metrics))
+    if errors:
+        print(f"{len(errors)} image(s) could not be read; see {os.path.join(args.predictions, 'errors.csv')}", file=sys.stderr)
+        for path, reason in errors[:10]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
