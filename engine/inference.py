@@ -3,6 +3,8 @@
 import csv
 import io
 import os
+import re
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,8 +31,13 @@ def ignore_sigint(_worker_id):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def inference_transform(model_args, tta=1):
+    """PIL RGB image -> (3, H, W) centre crop, or (tta, 3, H, W) fixed crops under TTA."""
+    return eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
+
+
 def inference_dataset(paths, model_args, dists=None, tta=1):
-    transform = eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
+    transform = inference_transform(model_args, tta)
     size = model_args["image_size"]
     shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
     return ImageDataset(paths, transform, dists, image_shape=shape)
@@ -77,6 +84,43 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> d
     csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
     _write_or_remove(os.path.join(out_dir, "errors.csv"), list(errors), lambda p, _: atomic_write_text(p, err.getvalue()))
     return metrics
+
+
+# `<id> mean: 5.962 | std: 1.420 | GT: 5.914`; the id may hold spaces, `| GT` is optional.
+_PRED_LINE = re.compile(r"(?P<id>.+?) mean: (?P<mean>\S+) \| std: (?P<std>\S+)(?: \| GT: (?P<gt>\S+))?")
+
+
+@dataclass
+class PredTxt:
+    ids: list
+    mean: np.ndarray             # (N,) predicted mean scores
+    std: np.ndarray              # (N,) predicted standard deviations
+    gt_mean: np.ndarray = None   # (N,) true mean scores, or None when the file has no `| GT` part
+
+
+def read_pred_txt(path) -> PredTxt:
+    """Read a pred.txt (ours or the reference's published one). Raises ValueError naming
+    the first bad line; blank lines are ignored."""
+    ids, values, has_gt = [], [], None
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            m = _PRED_LINE.fullmatch(line)
+            try:
+                row = [float(m["mean"]), float(m["std"])] + ([float(m["gt"])] if m and m["gt"] else [])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}:{line_no}: expected '<id> mean: M | std: S' with an optional "
+                                 f"' | GT: G' and numbers for M, S, G; got {line[:120]!r}") from None
+            if has_gt is None:
+                has_gt = len(row) == 3
+            elif has_gt != (len(row) == 3):
+                raise ValueError(f"{path}:{line_no}: {'no' if has_gt else 'a'} '| GT' part, unlike the lines before it")
+            ids.append(m["id"])
+            values.append(row)
+    table = np.asarray(values, dtype=np.float64).reshape(len(values), 3 if has_gt else 2)
+    return PredTxt(ids, table[:, 0], table[:, 1], table[:, 2] if has_gt else None)
 
 
 def _write_or_remove(path, content, write):
