@@ -31,6 +31,7 @@ from engine.training import BadImageError, EpochProgress, NonFiniteLossError, ep
 from model import (CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones,
                    load_for_inference, save_checkpoint, strip_wrapper_prefixes)
 from model.checkpoint import is_released_state_dict, read_checkpoint_file
+from model.nima import check_model_args
 
 
 class UsageError(ValueError):
@@ -91,7 +92,10 @@ def get_args_parser():
     g.add_argument("--save_fig", action="store_true", help="kept for the reference's users: curves.png is now always saved")
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
     g = p.add_argument_group("model")
-    g.add_argument("--base_model", default="vgg16", help=f"one of: {', '.join(list_backbones())}")
+    g.add_argument("--base_model", default="vgg16",
+                   help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name")
+    g.add_argument("--head", choices=["reference", "paper"], default="reference",
+                   help="reference: dropout + Linear(features, 10) + softmax; paper (vgg16 only): keep VGG16's fc6/fc7, replace only the last layer")
     g.add_argument("--pretrained", default="imagenet", help="imagenet (torchvision's weights), none, or PATH of a torchvision weights file")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's, 224 for vgg16)")
     g.add_argument("--resize_size", type=int, default=None, help="shorter side before cropping (default: the backbone's, 256 for vgg16)")
@@ -125,12 +129,14 @@ def resolve_model_args(args, resume_ckpt=None) -> dict:
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
     model_args["dropout"] = args.dropout
+    model_args["head"] = args.head
     if model_args["image_size"] < 32:
         raise UsageError(f"--image_size must be at least 32, got {model_args['image_size']}")
     if model_args["resize_size"] < model_args["image_size"]:
         raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_model_args(model_args)  # the backbone's own limits: --head, minimum or fixed --image_size
     return model_args
 
 

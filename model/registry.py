@@ -4,9 +4,19 @@ A backbone builder returns (features, pool, num_features): `features` maps an im
 batch (B, 3, H, W) to feature maps, `pool` is parameter-free and brings them to a
 fixed size, and `num_features` is the length of the flattened pooled output that the
 NIMA head's Linear layer takes.
+
+Registered by hand: `vgg16` (the reference's layout, `features.N.*`), `tiny_cnn`
+(tests and demo) and the curated torchvision backbones below. Any other torchvision
+classification model is accepted by name too (resolved in get_backbone): the generic
+builder runs torchvision's own model up to its pooled feature vector, with the
+ImageNet classifier stripped (see strip_classifier), so its keys are torchvision's
+own under `features.`.
 """
+import difflib
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -24,6 +34,11 @@ class Backbone:
     resize_size: int
     normalize: str  # 'imagenet' | 'none': what new training feeds it
     has_imagenet_weights: bool = True
+    min_image_size: int = 32
+    fixed_image_size: bool = False  # ViT/MaxViT: the position embeddings / window grid fix the input size
+    # pretrained -> (features, pool, hidden layers, their output width): the paper's head
+    # (`--head paper`) keeps these pretrained fully connected layers before the 10-way one.
+    build_paper_head: Optional[Callable[[str], tuple]] = None
 
 
 BACKBONES: dict = {}
@@ -34,13 +49,24 @@ def register(backbone: Backbone) -> Backbone:
     return backbone
 
 
+def torchvision_names() -> list:
+    return torchvision.models.list_models(module=torchvision.models)
+
+
 def get_backbone(name: str) -> Backbone:
-    if name not in BACKBONES:
-        raise ValueError(f"unknown --base_model {name!r}; valid names: {', '.join(sorted(BACKBONES))}")
-    return BACKBONES[name]
+    if name in BACKBONES:
+        return BACKBONES[name]
+    others = [n for n in torchvision_names() if n not in BACKBONES]
+    if name in others:
+        return torchvision_backbone(name)
+    close = difflib.get_close_matches(str(name), list(BACKBONES) + others, n=3)
+    raise ValueError(f"unknown --base_model {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                     + f"; valid names: {', '.join(sorted(BACKBONES))}; or any other torchvision classification "
+                     f"model: {', '.join(others)}")
 
 
 def list_backbones() -> list:
+    """The curated names (any other torchvision classification model works too)."""
     return sorted(BACKBONES)
 
 
@@ -85,7 +111,16 @@ def _build_vgg16(pretrained: str):
     return vgg.features, nn.AdaptiveAvgPool2d((7, 7)), 512 * 7 * 7
 
 
-register(Backbone("vgg16", _build_vgg16, image_size=224, resize_size=256, normalize="imagenet"))
+def _build_vgg16_paper_head(pretrained: str):
+    vgg = torchvision.models.vgg16(weights=None)
+    load_torchvision_weights(vgg, "vgg16", pretrained)
+    # fc6, ReLU, Dropout(0.5), fc7, ReLU: torchvision's classifier[0:5], so the ImageNet
+    # weights keep their keys (classifier.0.*, classifier.3.*) in the NIMA model.
+    return vgg.features, nn.AdaptiveAvgPool2d((7, 7)), vgg.classifier[:5], 4096
+
+
+register(Backbone("vgg16", _build_vgg16, image_size=224, resize_size=256, normalize="imagenet",
+                  build_paper_head=_build_vgg16_paper_head))
 
 
 def _build_tiny_cnn(pretrained: str):
@@ -102,3 +137,88 @@ def _build_tiny_cnn(pretrained: str):
 # A four-layer CNN trained from scratch: for the demo and the tests on CPU, not for AVA.
 register(Backbone("tiny_cnn", _build_tiny_cnn, image_size=64, resize_size=72, normalize="imagenet",
                   has_imagenet_weights=False))
+
+
+# --- torchvision backbones with the generic head -------------------------------------
+
+def _arch_kwargs(name: str, weights) -> dict:
+    """Constructor arguments that make the architecture match its ImageNet weights, used
+    with every --pretrained value so a checkpoint's layout never depends on it."""
+    if name in ("googlenet", "inception_v3"):
+        # transform_input: Google's weights expect inputs in [-1, 1]; this parameter-free
+        # step maps ImageNet-normalised inputs there. The aux classifiers exist only so
+        # that the weights load; strip_classifier removes them.
+        return {"transform_input": True, "aux_logits": True, "init_weights": False}
+    if name.startswith("vit_"):
+        return {"image_size": weights.meta["min_size"][0]}
+    if name.startswith("maxvit_"):
+        return {"input_size": weights.meta["min_size"]}
+    return {}
+
+
+def _in_width(layer: nn.Module) -> int:
+    return layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
+
+
+def strip_classifier(model: nn.Module) -> int:
+    """Remove a torchvision classifier's ImageNet-specific parts in place, so that
+    `model(x)` returns its pooled feature vector (B, width); return the width.
+
+    Removed: the final 1000-way layer, every dropout of the head (NIMA brings its own,
+    --dropout) and the auxiliary classifiers. Kept: the global pooling, and whatever
+    pretrained layers the head holds before its final layer (ConvNeXt's LayerNorm,
+    MaxViT's pre-logits, MobileNetV3's Linear(960, 1280) + Hardswish: that network moved
+    its last 1x1 feature layer behind the pooling to save time, so the 1280-wide vector
+    is its feature and, pretrained on ImageNet, worth keeping). VGG and AlexNet are the
+    exception: their whole classifier is fully connected layers, dropped entirely as in
+    the reference's vgg16 head.
+    """
+    for aux in ("AuxLogits", "aux1", "aux2"):  # inception_v3, googlenet
+        if getattr(model, aux, None) is not None:
+            setattr(model, aux, None)
+            model.aux_logits = False  # forward then returns a plain tensor
+    if isinstance(getattr(model, "dropout", None), nn.Dropout):  # googlenet, inception_v3
+        model.dropout = nn.Identity()
+    attr = next((a for a in ("fc", "classifier", "heads", "head") if isinstance(getattr(model, a, None), nn.Module)), None)
+    if attr is None:
+        raise ValueError(f"{type(model).__name__}: no classifier (fc, classifier, heads or head) to replace")
+    head = getattr(model, attr)
+    layers = list(head.named_children()) if isinstance(head, nn.Sequential) else [("", head)]
+    weighted = [i for i, (_, m) in enumerate(layers) if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not weighted:
+        raise ValueError(f"{type(model).__name__}.{attr}: no final Linear or Conv2d layer to replace")
+    if isinstance(model, (torchvision.models.VGG, torchvision.models.AlexNet)):
+        setattr(model, attr, nn.Identity())
+        return _in_width(layers[weighted[0]][1])
+    last = weighted[-1]
+    kept = [(n, m) for i, (n, m) in enumerate(layers) if i != last and not isinstance(m, nn.Dropout)]
+    setattr(model, attr, nn.Sequential(OrderedDict(kept)) if kept else nn.Identity())
+    return _in_width(layers[last][1])
+
+
+def _build_torchvision(name: str, pretrained: str):
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    model = torchvision.models.get_model(name, weights=None, **_arch_kwargs(name, weights))
+    load_torchvision_weights(model, name, pretrained)  # before stripping: the file has the classifier
+    num_features = strip_classifier(model)
+    # The whole stripped model is the conv base (its pooling included), so every
+    # backbone parameter sits under `features` and gets --conv_base_lr.
+    return model, nn.Identity(), num_features
+
+
+def torchvision_backbone(name: str) -> Backbone:
+    """A Backbone for torchvision's classification model `name`, with the input sizes of
+    its default ImageNet weights (their transforms' crop and resize sizes)."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    preset = weights.transforms()
+    min_size = weights.meta.get("min_size", (1, 1))[0]
+    return Backbone(name, partial(_build_torchvision, name), image_size=preset.crop_size[0],
+                    resize_size=preset.resize_size[0], normalize="imagenet", min_image_size=max(32, min_size),
+                    fixed_image_size=name.startswith(("vit_", "maxvit_")))
+
+
+# The paper's MobileNet and Inception-v2 have no torchvision twin: mobilenet_v2/v3 and
+# inception_v3 are the nearest; the others are strong modern backbones.
+CURATED = ("mobilenet_v2", "mobilenet_v3_large", "inception_v3", "resnet50", "efficientnet_b0", "convnext_tiny")
+for _name in CURATED:
+    register(torchvision_backbone(_name))
