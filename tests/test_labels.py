@@ -1,0 +1,77 @@
+"""Label CSVs in every form design.md 3.3 allows; no row lost."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from dataset import LabelFileError, read_label_csv
+
+
+@pytest.fixture
+def images(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("953619.jpg", "953958.jpg", "954184.png", "photo a.JPEG"):
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / name)
+    return folder
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+COUNTS = "953619,0,1,5,17,38,36,15,6,5,1\n953958,10,7,15,26,26,21,10,8,1,2\n"
+
+
+def test_header_less_first_row_is_kept(images, tmp_path):
+    table = read_label_csv(write(tmp_path / "a.csv", COUNTS), images)
+    assert table.ids == ["953619", "953958"]
+    assert table.lines == [1, 2]
+    assert table.paths[0].endswith("953619.jpg")
+
+
+def test_header_row_is_skipped_and_counts_are_normalised(images, tmp_path):
+    table = read_label_csv(write(tmp_path / "a.csv", "image_id,r1,r2,r3,r4,r5,r6,r7,r8,r9,r10\n" + COUNTS), images)
+    assert table.ids == ["953619", "953958"]
+    assert table.lines == [2, 3]
+    np.testing.assert_allclose(table.dists.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(table.dists[0], np.array([0, 1, 5, 17, 38, 36, 15, 6, 5, 1]) / 124, atol=1e-7)
+
+
+def test_probabilities_extensions_and_other_formats(images, tmp_path):
+    text = ("953619.jpg,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1\n"
+            "954184,0,0,0,0,0.5,0.5,0,0,0,0\n"
+            "photo a,1,0,0,0,0,0,0,0,0,0\n")
+    table = read_label_csv(write(tmp_path / "a.csv", text), images)
+    assert [p.rsplit("/", 1)[1] for p in table.paths] == ["953619.jpg", "954184.png", "photo a.JPEG"]
+    np.testing.assert_allclose(table.dists[1, 4:6], [0.5, 0.5])
+
+
+def test_ids_only_csv_for_inference(images, tmp_path):
+    table = read_label_csv(write(tmp_path / "a.csv", "953619\n953958\n"), images, require_labels=False)
+    assert table.ids == ["953619", "953958"] and table.dists is None
+    with pytest.raises(LabelFileError, match="expected 11"):
+        read_label_csv(tmp_path / "a.csv", images)
+
+
+def test_every_problem_is_reported_with_line_and_column(images, tmp_path):
+    text = ("953619,0,1,5,17,38,36,15,6,5,1\n"
+            "953958,0,x,5,17,38,36,15,6,5,1\n"   # line 2: not a number in column 3
+            "954184,0,0,0,0,0,0,0,0,0,0\n"        # line 3: all zero
+            "953619,0,1,5,17,38,36,15,6,5,1\n"    # line 4: duplicate
+            "999999,0,1,5,17,38,36,15,6,5,-1\n"   # line 5: negative, and missing image
+            "953958,1,2\n")                        # line 6: column count
+    with pytest.raises(LabelFileError) as err:
+        read_label_csv(write(tmp_path / "bad.csv", text), images)
+    message = str(err.value)
+    for expected in ("bad.csv:2, column 3: 'x' is not a finite number", "bad.csv:3, columns 2-11: all-zero",
+                     "bad.csv:4, column 1: duplicate image id '953619' (first on line 1)",
+                     "bad.csv:5, column 11: negative value -1", "bad.csv:5, column 1: image '999999' not found",
+                     "bad.csv:6: has 3 columns, expected 11"):
+        assert expected in message, (expected, message)
+    assert len(err.value.problems) == 6
+
+
+def test_missing_images_are_kept_for_inference(images, tmp_path):
+    table = read_label_csv(write(tmp_path / "a.csv", "953619\nnope\n"), images, require_labels=False, require_images=False)
+    assert table.ids == ["953619", "nope"] and table.paths[1].endswith("nope.jpg")
