@@ -1,21 +1,39 @@
-"""Pictures: training curves (more in later work). matplotlib runs headless (Agg)."""
+"""Pictures: training curves, a contact sheet of the best and worst scored images, and
+predicted vs true scores. matplotlib runs headless (Agg). Every figure is drawn at a
+fixed size and DPI (no bbox_inches='tight'), so the PNG's pixel size is known in
+advance: see each function's docstring."""
+import math
+import os
+
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from dataset.images import load_rgb  # noqa: E402  (the same decoding as scoring: EXIF, every mode)
+
 from .fileio import atomic_path  # noqa: E402
+from .metrics import plcc, srcc  # noqa: E402
+
+DPI = 100
+SHEET_COLUMNS = 6          # at most this many tiles per row of the contact sheet
+TILE_INCHES = (2.0, 2.4)   # width, height of one tile (image, id above, score below)
+SCATTER_INCHES = (5.0, 5.0)
 
 
 def save_figure(fig, path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI)
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive otherwise
 
 
 def plot_curves(history: list, path, monitor: str = "val_emd") -> None:
     """Train/val EMD, the monitored metric and the learning rates per epoch, from
-    metrics.jsonl records."""
+    metrics.jsonl records. Size: 500 x 380 px per panel (2 panels, 3 when the monitor
+    is not val_emd)."""
     epochs = [r["epoch"] for r in history]
     panels = [("EMD (r=2)", [("train_loss", "train"), ("val_emd", "validation")])]
     if monitor != "val_emd":
@@ -30,7 +48,98 @@ def plot_curves(history: list, path, monitor: str = "val_emd") -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend()
-        if title == "learning rate":
-            ax.set_yscale("log")
+        if title == "learning rate" and all(r.get(k, 0) > 0 for r in history for k, _ in series):
+            ax.set_yscale("log")  # decayed rates span decades; a zero rate cannot be drawn on a log axis
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def contact_sheet_layout(k: int, n: int) -> tuple:
+    """(tiles per group, columns, rows per group) of a sheet of the k highest and k
+    lowest of n scored images. With fewer than 2k images, the upper half of the ranking
+    is 'highest' and the rest 'lowest', so no image appears twice."""
+    per_group = min(k, math.ceil(n / 2))
+    cols = min(per_group, SHEET_COLUMNS)
+    return per_group, cols, math.ceil(per_group / cols)
+
+
+def contact_sheet_pixels(k: int, n: int) -> tuple:
+    """(width, height) in pixels of the PNG that plot_contact_sheet writes."""
+    _, cols, rows = contact_sheet_layout(k, n)
+    return round(cols * TILE_INCHES[0] * DPI), round(2 * rows * TILE_INCHES[1] * DPI)
+
+
+def plot_contact_sheet(paths, ids, pred_mean, path, k: int, gt_mean=None) -> None:
+    """A grid of the k highest scored images (upper rows) and the k lowest (lower rows),
+    each with "predicted mean (ground truth)" under it, or the mean alone without labels.
+    Ties are ranked by id, so the sheet is deterministic. Size: contact_sheet_pixels."""
+    pred_mean = np.asarray(pred_mean, dtype=np.float64)
+    if k < 1 or len(pred_mean) == 0:
+        raise ValueError(f"a contact sheet needs k >= 1 and at least one scored image, got k={k}, {len(pred_mean)} images")
+    order = sorted(range(len(pred_mean)), key=lambda i: (-pred_mean[i], ids[i]))
+    per_group, cols, rows = contact_sheet_layout(k, len(order))
+    groups = [("highest", order[:per_group]), ("lowest", order[per_group:][-per_group:][::-1])]
+    fig = plt.figure(figsize=(cols * TILE_INCHES[0], 2 * rows * TILE_INCHES[1]))
+    # Fixed margins: room for the id above and the score below each tile.
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.09 / (2 * rows), top=1 - 0.09 / (2 * rows), wspace=0.06, hspace=0.3)
+    grid = fig.add_gridspec(2 * rows, cols)
+    for g, (name, members) in enumerate(groups):
+        for slot in range(rows * cols):
+            ax = fig.add_subplot(grid[g * rows + slot // cols, slot % cols])
+            ax.set_axis_off()
+            if slot >= len(members):
+                continue
+            i = members[slot]
+            img = load_rgb(paths[i])
+            img.thumbnail((4 * DPI, 4 * DPI))  # plenty for a 2-inch tile; keeps the PNG small
+            ax.imshow(np.asarray(img))
+            label = f"{pred_mean[i]:.2f}" + (f" ({gt_mean[i]:.2f})" if gt_mean is not None else "")
+            ax.text(0.5, -0.03, label, transform=ax.transAxes, ha="center", va="top", fontsize=11)
+            ax.set_title(f"{name} #{slot + 1}: {_short(ids[i])}", fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_scatter(pred_mean, gt_mean, path) -> None:
+    """Predicted vs true mean score, with SRCC, LCC and n in the title. Size: 500 x 500 px."""
+    pred_mean, gt_mean = np.asarray(pred_mean, np.float64), np.asarray(gt_mean, np.float64)
+    fig, ax = plt.subplots(figsize=SCATTER_INCHES)
+    ax.scatter(gt_mean, pred_mean, s=6 if len(pred_mean) > 2000 else 14, alpha=0.4 if len(pred_mean) > 2000 else 0.8,
+               edgecolors="none")
+    lo = min(gt_mean.min(), pred_mean.min(), 5.0) - 0.2
+    hi = max(gt_mean.max(), pred_mean.max(), 5.0) + 0.2
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, label="predicted = true")
+    ax.axhline(5.0, color="grey", lw=0.6, ls=":")
+    ax.axvline(5.0, color="grey", lw=0.6, ls=":")  # the paper's high/low quality threshold
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("true mean score")
+    ax.set_ylabel("predicted mean score")
+    ax.set_title(f"SRCC {srcc(pred_mean, gt_mean):.3f}   LCC {plcc(pred_mean, gt_mean):.3f}   (n = {len(pred_mean)})")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.subplots_adjust(left=0.13, right=0.96, bottom=0.11, top=0.92)
+    save_figure(fig, path)
+
+
+def write_result_pictures(out_dir, paths, ids, pred_mean, gt_mean=None, contact_sheet: int = 0) -> list:
+    """scatter.png (with labels) and contact_sheet.png (when contact_sheet > 0) in out_dir;
+    a picture this run does not make is removed, so none is left from an older run.
+    Returns the paths written."""
+    written = []
+    for name, wanted in (("scatter.png", gt_mean is not None and len(pred_mean) > 0),
+                         ("contact_sheet.png", contact_sheet > 0 and len(pred_mean) > 0)):
+        target = os.path.join(out_dir, name)
+        if not wanted:
+            if os.path.exists(target):
+                os.remove(target)
+            continue
+        if name == "scatter.png":
+            plot_scatter(pred_mean, gt_mean, target)
+        else:
+            plot_contact_sheet(paths, ids, pred_mean, target, contact_sheet, gt_mean)
+        written.append(target)
+    return written
+
+
+def _short(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]
