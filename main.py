@@ -301,6 +301,8 @@ def train(args, rt) -> int:
                 f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
                 + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
                 + (f"  skipped {len(progress.skipped)} unreadable" if progress.skipped else ""))
+            if stop["signum"] is not None:  # a signal during validation: last.pth was just saved
+                raise StopRequested(stop["signum"])
             if state.epochs_without_improvement >= args.early_stopping_patience:
                 log(f"early stopping: {args.monitor} has not improved for {args.early_stopping_patience} epochs")
                 break
