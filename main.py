@@ -285,7 +285,7 @@ def train(args, rt) -> int:
                 state.best_val_loss, state.epochs_without_improvement = signed(args.monitor, monitored), 0
             else:
                 state.epochs_without_improvement += 1
-            state.epoch = epoch
+            state.epoch, state.partial_epoch = epoch, None  # a mid-epoch save set partial_epoch; the epoch is whole now
             record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
                       "seconds": progress.seconds, "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
                       "skipped_images": len(progress.skipped), "val_unreadable_images": len(val_errors)}
