@@ -1,0 +1,175 @@
+"""Benchmark: how fast NIMA trains and predicts, ours against a reference-style loop
+measured in the same run, on the same device.
+
+    python bench/bench.py --device cuda --out bench.jsonl          # VGG16 at 224, batch 128
+    python bench/bench.py --quick --device cpu                     # smoke run, well under a minute
+
+Prints one JSON line per figure as it is measured, then a table (images/s):
+  decode_1core     load_rgb + eval_transform, one process, one thread: originals vs cache
+  loader           the training DataLoader alone with --workers workers (and per worker)
+  train_synthetic  training steps on random tensors already on the device
+  infer_synthetic  prediction on tensors (reference: batch 1, mean/std summed in Python)
+  train_jpeg       training end to end from JPEG files through the DataLoader, with the
+                   time the step waited for its batch (loader_wait_ms_per_step)
+  infer_jpeg       test.py's path end to end from JPEG files (score_images)
+"Ours" runs the project's own code (build_model, Runtime, train_one_epoch, predict,
+score_images, make_loader, ImageDataset and its transforms) with each speed flag that
+applies to the device; "reference" runs bench/reference_loop.py. The JPEGs are
+generated AVA-like files (bench/ava_like.py) and their cache is made by
+tools/resize_images.py. Every line names the hardware it was measured on.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # run as `python bench/bench.py`
+    sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+from bench import figures  # noqa: E402
+from bench.ava_like import folder_stats, make_ava_like_jpegs  # noqa: E402
+from engine.distributed import pick_device  # noqa: E402
+from engine.fileio import atomic_write_text  # noqa: E402
+from model import default_model_args  # noqa: E402
+from tools import resize_images  # noqa: E402
+
+QUICK = {"base_model": "tiny_cnn", "batch_size": 4, "steps": 2, "warmup": 1, "num_images": 8, "infer_images": 8,
+         "workers": 1}
+FULL = {"base_model": "vgg16", "batch_size": 128, "steps": 20, "warmup": 3, "num_images": 512, "infer_images": None,
+        "workers": min(8, os.cpu_count() or 1)}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Measure NIMA training and inference speed, ours vs a reference-style loop.")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny_cnn at 64 px, a few steps and images")
+    p.add_argument("--base_model", default=None, help="backbone (default vgg16; tiny_cnn with --quick)")
+    p.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default 128; 4 with --quick)")
+    p.add_argument("--infer_batch_size", type=int, default=None, help="inference batch (default: 2 x --batch_size)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per training figure (default 20; 2 with --quick)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --quick)")
+    p.add_argument("--num_images", type=int, default=None, help="AVA-like JPEGs to generate (default 512)")
+    p.add_argument("--infer_images", type=int, default=None, help="images per inference figure (default: steps x infer batch)")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers and resize workers (default min(8, cores))")
+    p.add_argument("--data_dir", default=None, help="folder for the generated JPEGs and their cache, kept for reuse "
+                                                    "(default: a temporary folder removed at the end)")
+    p.add_argument("--no_compile", action="store_true", help="on CUDA, skip the torch.compile variants")
+    p.add_argument("--only", default=None, help="comma-separated figure names to run (default: all)")
+    p.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    return p
+
+
+def resolve(args):
+    """Fill the defaults that depend on --quick; raise ValueError on bad values."""
+    preset = QUICK if args.quick else FULL
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.infer_batch_size = args.infer_batch_size or 2 * args.batch_size
+    if args.infer_images is None:
+        args.infer_images = args.steps * args.infer_batch_size
+    for key in ("batch_size", "infer_batch_size", "steps", "num_images", "infer_images"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key} must be at least 1, got {getattr(args, key)}")
+    if args.warmup < 0 or args.workers < 0:
+        raise ValueError(f"--warmup and --workers must be >= 0, got {args.warmup} and {args.workers}")
+    model_args = dict(default_model_args(args.base_model))  # raises with the valid names
+    if args.image_size is not None:
+        # Keep the backbone's resize/crop ratio (256/224 for vgg16).
+        model_args["resize_size"] = round(args.image_size * model_args["resize_size"] / model_args["image_size"])
+        model_args["image_size"] = args.image_size
+    model_args["dropout"] = 0.75
+    only = set(args.only.split(",")) if args.only else set(figures.ALL)
+    unknown = only - set(figures.ALL)
+    if unknown:
+        raise ValueError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; valid: {', '.join(figures.ALL)}")
+    return model_args, only
+
+
+def hardware(device) -> str:
+    cores = f"{os.cpu_count()}-core CPU"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {cores}"
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"{cores}, no GPU" + (f" ({name})" if name else "")
+
+
+def prepare_data(data_dir, args, model_args) -> dict:
+    """Generated originals and their resized cache: {'original': paths, 'cache<N>': paths}."""
+    originals = make_ava_like_jpegs(os.path.join(data_dir, "original"), args.num_images, seed=0)
+    size = model_args["resize_size"]
+    cache_dir = os.path.join(data_dir, f"cache{size}")
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the JSON lines and the table
+        code = resize_images.main(resize_images.get_args_parser().parse_args(
+            ["--src", os.path.dirname(originals[0]), "--dst", cache_dir, "--size", str(size),
+             "--workers", str(args.workers), "--quiet"]))
+    if code != 0:
+        raise RuntimeError(f"tools/resize_images.py failed with exit code {code}")
+    cached = [os.path.join(cache_dir, os.path.basename(p)) for p in originals]
+    for name, paths in (("original", originals), (f"cache{size}", cached)):
+        stats = folder_stats(paths)
+        print(f"# {name}: {stats['images']} JPEGs, {stats['mean_kb']:.0f} KB and {stats['mean_megapixels']:.3f} Mpx "
+              f"on average", file=sys.stderr)
+    return {"original": originals, f"cache{size}": cached}
+
+
+def print_table(records, hw: str) -> None:
+    print(f"\nNIMA speed, {hw}")
+    head = ("figure", "variant", "data", "images/s", "ratio", "notes")
+    rows = [head]
+    for r in records:
+        notes = []
+        if "loader_wait_ms_per_step" in r:
+            notes.append(f"loader wait {r['loader_wait_ms_per_step']:.1f} ms/step")
+        if "images_per_s_per_worker" in r:
+            notes.append(f"{r['images_per_s_per_worker']:.1f} img/s per worker")
+        ratio = f"{r['ratio']:.2f}x vs {r['ratio_to']}" if "ratio" in r else ""
+        rows.append((r["figure"], r["variant"], r["data"], f"{r['images_per_s']:.1f}", ratio, "; ".join(notes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) if i < 3 or i > 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def main(args) -> int:
+    try:
+        model_args, only = resolve(args)
+        device = pick_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    hw = hardware(device)
+    common = {"device": str(device), "hardware": hw, "base_model": args.base_model, "image_size": model_args["image_size"],
+              "torch": torch.__version__, "threads": torch.get_num_threads()}
+    records = []
+
+    def emit(record):
+        record = {**record, **common}
+        records.append(record)
+        print(json.dumps(record), flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="nima-bench-") as tmp:
+        data = prepare_data(args.data_dir or tmp, args, model_args) if only & set(figures.NEED_FILES) else {}
+        bench = figures.Bench(args, model_args, device, data, emit)
+        for name in figures.ALL:
+            if name in only:
+                getattr(bench, name)()
+    print_table(records, hw)
+    if args.out:
+        atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))

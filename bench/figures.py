@@ -1,0 +1,226 @@
+"""The benchmark's figures: each method measures one group, reference first, and emits
+one record per variant (see bench/bench.py for what each group means)."""
+import gc
+import itertools
+import time
+
+import torch
+
+from dataset import ImageDataset, eval_transform, load_rgb, train_transform
+from engine.inference import make_loader, score_images
+from engine.metrics import mean_and_std
+from engine.runtime import Runtime, resolve_speed_flags
+from engine.training import EpochProgress, predict, train_one_epoch
+from model import build_model
+
+from .reference_loop import reference_predict_files, reference_predict_tensors, reference_train_steps
+from .timing import TimedBatches, repeat, timed
+
+ALL = ("decode_1core", "loader", "train_synthetic", "infer_synthetic", "train_jpeg", "infer_jpeg")
+NEED_FILES = ("decode_1core", "loader", "train_jpeg", "infer_jpeg")
+# Small learning rates: random weights and random targets must not blow up in a few steps.
+CONV_BASE_LR, DENSE_LR = 1e-4, 1e-3
+
+
+def variant_name(amp: bool, channels_last: bool, compiled: bool = False) -> str:
+    parts = (["bf16"] if amp else []) + (["channels_last"] if channels_last else []) + (["compile"] if compiled else [])
+    return "ours " + ("+".join(parts) or "fp32")
+
+
+class Bench:
+    def __init__(self, args, model_args, device, data, emit):
+        self.args, self.model_args, self.device, self.data, self.emit = args, model_args, device, data, emit
+        self.cuda = device.type == "cuda"
+        size = model_args["image_size"]
+        self.shape = (3, size, size)
+        self.default_flags = resolve_speed_flags("auto", "auto", device)  # what main.py and test.py pick
+
+    # ----- helpers -----
+    def variants(self) -> list:
+        """(amp, channels_last, compile) combinations that apply to the device."""
+        out = [(False, False, False), (False, True, False)]
+        if self.cuda and torch.cuda.is_bf16_supported():
+            out += [(True, False, False), (True, True, False)]
+            if not self.args.no_compile:
+                out.append((True, True, True))
+        return out
+
+    def model(self, channels_last=False):
+        torch.manual_seed(0)
+        model = build_model(self.model_args, pretrained="none").to(self.device)
+        return model.to(memory_format=torch.channels_last) if channels_last else model
+
+    def optimizer(self, model):
+        # As main.py builds it: SGD with momentum, the reference's two learning rates,
+        # multi-tensor (foreach) updates on CUDA.
+        return torch.optim.SGD(model.param_groups(CONV_BASE_LR, DENSE_LR), momentum=0.9,
+                               foreach=True if self.cuda else None)
+
+    def targets(self, n):
+        return torch.softmax(torch.randn(n, 10), dim=1)
+
+    def record(self, figure, variant, data, result, baseline=None, ratio_to="reference", **extra):
+        rec = {"figure": figure, "variant": variant, "data": data, **result, **extra}
+        if baseline is not None and variant != ratio_to:
+            rec["ratio"], rec["ratio_to"] = result["images_per_s"] / baseline, ratio_to
+        self.emit(rec)
+        return result["images_per_s"]
+
+    def cleanup(self):
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def train_dataset(self, paths):
+        dists = self.targets(len(paths))
+        return ImageDataset(paths, train_transform(self.model_args), dists, self.shape)
+
+    def sampler(self, n_files, n_samples):
+        """A shuffled list of `n_samples` indices cycling over the files (fewer files than
+        samples is fine: they stay in the page cache either way)."""
+        g = torch.Generator().manual_seed(0)
+        return [int(i) for _, i in zip(range(n_samples), itertools.cycle(torch.randperm(n_files, generator=g).tolist()))]
+
+    # ----- figures -----
+    def decode_1core(self):
+        """Per-core cost of getting a crop: decode + EXIF + resize + crop + to tensor."""
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            transform, base = eval_transform(self.model_args), None
+            for data, paths in self.data.items():
+                transform(load_rgb(paths[0]))  # warm the code paths
+                _, seconds = timed(lambda: [transform(load_rgb(p)) for p in paths], "cpu")
+                result = {"images_per_s": len(paths) / seconds, "images": len(paths), "workers": 0}
+                rate = self.record("decode_1core", "pillow", data, result, base, ratio_to="original")
+                base = base or rate
+        finally:
+            torch.set_num_threads(threads)
+
+    def loader(self):
+        args, base = self.args, None
+        rt = Runtime(self.device, *self.default_flags, show_progress=False)
+        total = args.warmup + args.steps
+        for data, paths in self.data.items():
+            loader = make_loader(self.train_dataset(paths), args.batch_size, args.workers, rt,
+                                 sampler=self.sampler(len(paths), total * args.batch_size))
+            timer = TimedBatches(loader, total, args.warmup, args.batch_size)
+            for _ in timer:
+                pass
+            result = timer.finish(self.device)
+            del result["loader_wait_ms_per_step"]  # here the loader is all there is
+            per_worker = result["images_per_s"] / max(args.workers, 1)
+            rate = self.record("loader", f"make_loader, {args.workers} workers", data, result, base, ratio_to="original",
+                               workers=args.workers, images_per_s_per_worker=per_worker, batch_size=args.batch_size)
+            base = base or rate
+            del loader, timer
+            self.cleanup()
+
+    def train_synthetic(self):
+        args, B = self.args, self.args.batch_size
+        total = args.warmup + args.steps
+        images, targets = torch.randn(B, *self.shape, device=self.device), self.targets(B).to(self.device)
+        torch.backends.cudnn.benchmark = False  # the reference never turned it on
+        model = self.model()
+        timer = TimedBatches(repeat({"image": images, "target": targets}, total), total, args.warmup, B)
+        reference_train_steps(model, self.optimizer(model), timer, self.device)
+        base = self.record("train_synthetic", "reference", "synthetic", timer.finish(self.device), batch_size=B)
+        del model
+        batch = {"index": torch.arange(B), "image": images, "target": targets, "ok": torch.ones(B, dtype=torch.bool),
+                 "error": [""] * B}
+        for amp, cl, comp in self.variants():
+            result = self._train_ours(repeat(batch, total), total, amp, cl, comp)
+            self.record("train_synthetic", variant_name(amp, cl, comp), "synthetic", result, base, batch_size=B)
+
+    def _train_ours(self, source, total, amp, channels_last, compiled):
+        """Our training step (engine.training.train_one_epoch) as main.py sets it up."""
+        args = self.args
+        torch.backends.cudnn.benchmark = self.cuda
+        rt = Runtime(self.device, amp, channels_last, show_progress=False)
+        model = self.model(channels_last)
+        net = torch.compile(model) if compiled else model
+        timer = TimedBatches(source, total, args.warmup, args.batch_size)
+        train_one_epoch(net, timer, self.optimizer(model), rt, 1, EpochProgress(), log=lambda *a, **k: None)
+        result = timer.finish(self.device)
+        del model, net
+        self.cleanup()
+        return result
+
+    def infer_synthetic(self):
+        args, B = self.args, self.args.infer_batch_size
+        n = -(-args.infer_images // B) * B  # whole batches: a smaller last one would recompile
+        images = torch.randn(n, *self.shape, device=self.device)
+        torch.backends.cudnn.benchmark = False
+        model = self.model()
+        reference_predict_tensors(model, images[:max(args.warmup, 1)])
+        _, seconds = timed(lambda: reference_predict_tensors(model, images), self.device)
+        base = self.record("infer_synthetic", "reference", "synthetic", {"images_per_s": n / seconds}, batch_size=1)
+        del model
+        batches = [{"index": torch.arange(i, i + B), "image": images[i:i + B], "ok": torch.ones(B, dtype=torch.bool),
+                    "error": [""] * B} for i in range(0, n, B)]
+        torch.backends.cudnn.benchmark = self.cuda
+        for amp, cl, comp in self.variants():
+            rt = Runtime(self.device, amp, cl, show_progress=False)
+            model = self.model(cl)
+            net = torch.compile(model) if comp else model
+            predict(net, batches[:1], rt)  # warm-up: cuDNN autotuning, compilation
+            (_, dists, _), seconds = timed(lambda: predict(net, batches, rt), self.device)
+            mean_and_std(dists)
+            self.record("infer_synthetic", variant_name(amp, cl, comp), "synthetic", {"images_per_s": n / seconds}, base,
+                        batch_size=B)
+            del model, net
+            self.cleanup()
+
+    def train_jpeg(self):
+        args, B = self.args, self.args.batch_size
+        total = args.warmup + args.steps
+        originals = self.data["original"]
+        # Reference: a plain DataLoader (no pinned memory, workers restarted each epoch).
+        torch.backends.cudnn.benchmark = False
+        plain = torch.utils.data.DataLoader(self.train_dataset(originals), batch_size=B, num_workers=args.workers,
+                                            sampler=self.sampler(len(originals), total * B))
+        model = self.model()
+        timer = TimedBatches(plain, total, args.warmup, B)
+        reference_train_steps(model, self.optimizer(model), timer, self.device)
+        base = self.record("train_jpeg", "reference", "original", timer.finish(self.device), batch_size=B,
+                           workers=args.workers)
+        del model, plain, timer
+        amp, cl = self.default_flags
+        runs = [(data, False) for data in self.data]
+        if self.cuda and not args.no_compile:
+            runs.append((list(self.data)[-1], True))
+        for data, comp in runs:
+            rt = Runtime(self.device, amp, cl, show_progress=False)
+            paths = self.data[data]
+            loader = make_loader(self.train_dataset(paths), B, args.workers, rt,
+                                 sampler=self.sampler(len(paths), total * B), drop_last=comp)
+            result = self._train_ours(loader, total, amp, cl, comp)
+            self.record("train_jpeg", variant_name(amp, cl, comp), data, result, base, batch_size=B, workers=args.workers)
+            del loader
+            self.cleanup()
+
+    def infer_jpeg(self):
+        args = self.args
+        torch.backends.cudnn.benchmark = False
+        model = self.model()
+        paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(self.data["original"]))]
+        reference_predict_files(model, self.model_args, paths[:1], self.device)
+        _, seconds = timed(lambda: reference_predict_files(model, self.model_args, paths, self.device), self.device)
+        base = self.record("infer_jpeg", "reference", "original", {"images_per_s": len(paths) / seconds}, batch_size=1)
+        del model
+        torch.backends.cudnn.benchmark = self.cuda
+        amp, cl = self.default_flags
+        rt = Runtime(self.device, amp, cl, show_progress=False)
+        model = self.model(cl).eval()
+        with torch.no_grad(), rt.autocast():  # warm-up: cuDNN autotuning for the batch shape
+            model(rt.images_to_device(torch.zeros(args.infer_batch_size, *self.shape)))
+        for data, files in self.data.items():
+            paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(files))]
+            start = time.perf_counter()
+            _, dists, _ = score_images(model, self.model_args, paths, rt, args.infer_batch_size, args.workers)
+            mean_and_std(dists)
+            seconds = time.perf_counter() - start
+            self.record("infer_jpeg", variant_name(amp, cl), data, {"images_per_s": len(paths) / seconds}, base,
+                        batch_size=args.infer_batch_size, workers=args.workers)
+        del model
+        self.cleanup()

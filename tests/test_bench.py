@@ -1,0 +1,70 @@
+"""bench/bench.py: the quick run works and reports every figure (no time is asserted),
+and the reference-style loop it measures computes the same loss as ours."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import bench as bench_cli
+from bench.figures import ALL
+from bench.reference_loop import looped_emd_loss, looped_mean_std
+from bench.timing import TimedBatches, repeat
+from engine.metrics import mean_and_std
+from model import default_model_args, emd_loss
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REFERENCE_FIGURES = ("train_synthetic", "infer_synthetic", "train_jpeg", "infer_jpeg")
+
+
+def test_quick_run_reports_every_figure(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    proc = subprocess.run([sys.executable, "bench/bench.py", "--quick", "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == records
+    seen = {(r["figure"], r["variant"], r["data"]) for r in records}
+    assert {r["figure"] for r in records} == set(ALL)
+    for figure in REFERENCE_FIGURES:
+        assert (figure, "reference", "original" if figure.endswith("jpeg") else "synthetic") in seen
+    for variant in ("ours fp32", "ours channels_last"):  # the CPU's speed flag combinations
+        assert ("train_synthetic", variant, "synthetic") in seen and ("infer_synthetic", variant, "synthetic") in seen
+    cache = f"cache{default_model_args('tiny_cnn')['resize_size']}"  # made with --size = the resize size
+    for figure in ("decode_1core", "loader", "train_jpeg", "infer_jpeg"):
+        assert {r["data"] for r in records if r["figure"] == figure} >= {"original", cache}
+    for r in records:
+        assert r["images_per_s"] > 0 and r["device"] == "cpu" and "CPU" in r["hardware"]
+        if r["variant"].startswith("ours"):
+            assert r["ratio"] > 0 and r["ratio_to"] == "reference"
+        if r["figure"] == "train_jpeg":
+            assert r["loader_wait_ms_per_step"] >= 0
+        if r["figure"] == "loader":
+            assert r["images_per_s_per_worker"] > 0 and r["workers"] == 1
+    assert "figure" in proc.stdout and "images/s" in proc.stdout  # the table after the JSON lines
+
+
+def test_bad_usage_exit_2(capsys):
+    args = bench_cli.get_args_parser().parse_args(["--quick", "--device", "cpu", "--only", "train_synthetic,warp_speed"])
+    assert bench_cli.main(args) == 2
+    assert "warp_speed" in capsys.readouterr().err
+
+
+def test_reference_loops_compute_the_same_values():
+    torch.manual_seed(0)
+    p, q = torch.softmax(torch.randn(6, 10), 1), torch.softmax(torch.randn(6, 10), 1)
+    assert torch.allclose(looped_emd_loss(p.view(-1, 10, 1), q.view(-1, 10, 1)), emd_loss(p, q), atol=1e-6)
+    mean, std = mean_and_std(p[:1].numpy())
+    assert looped_mean_std(p[0].view(10, 1)) == pytest.approx((mean[0], std[0]), abs=1e-5)
+
+
+def test_timed_batches_counts_only_steps_after_warmup():
+    timer = TimedBatches(repeat("batch", 5), total=5, warmup=2, batch_size=4)
+    assert len(timer) == 5 and list(timer) == ["batch"] * 5
+    result = timer.finish("cpu")
+    assert result["steps"] == 3 and result["images_per_s"] > 0 and result["loader_wait_ms_per_step"] >= 0
+    with pytest.raises(ValueError, match="warm-up"):
+        TimedBatches(repeat("batch", 2), total=2, warmup=2, batch_size=4)
