@@ -3,7 +3,8 @@
     python test.py --model CKPT --test_csv test.csv --test_images IMAGES --predictions OUT
     python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png' --predictions OUT
 
-Writes predictions.csv, pred.txt, and with labels metrics.json (design.md 3.5).
+Writes predictions.csv, pred.txt, and with labels metrics.json and scatter.png
+(design.md 3.5); with --contact_sheet K also contact_sheet.png.
 Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
 written); 2 bad usage or unreadable checkpoint/CSV.
 """
@@ -19,7 +20,8 @@ from dataset.transforms import MAX_TTA
 from engine.distributed import pick_device
 from engine.fileio import OutputWriteError
 from engine.inference import run_on_table
-from engine.metrics import format_table
+from engine.metrics import format_table, mean_and_std
+from engine.plots import write_result_pictures
 from engine.runtime import Runtime, resolve_speed_flags
 from model import CheckpointError, load_for_inference
 
@@ -36,6 +38,8 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
+    p.add_argument("--contact_sheet", type=int, default=0, metavar="K",
+                   help="also write contact_sheet.png: the K highest and K lowest scored images (0: off)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -56,11 +60,13 @@ def main(args) -> int:
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+        if not 1 <= args.tta <= MAX_TTA:
+            raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
+        if args.contact_sheet < 0:
+            raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
         device = pick_device(args.device)
         table, ids = load_inputs(args)
         model, model_args = load_for_inference(args.model, device)
-        if not 1 <= args.tta <= MAX_TTA:
-            raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
     except (ValueError, LabelFileError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -69,12 +75,16 @@ def main(args) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
-        metrics, errors, indices, _ = run_on_table(model, model_args, table, rt, args.predictions,
-                                                   args.batch_size, args.workers, args.tta, ids=ids)
+        metrics, errors, indices, dists = run_on_table(model, model_args, table, rt, args.predictions,
+                                                       args.batch_size, args.workers, args.tta, ids=ids)
+        gt_mean = mean_and_std(table.dists[indices])[0] if metrics else None
+        pictures = write_result_pictures(args.predictions, [table.paths[i] for i in indices], [ids[i] for i in indices],
+                                         mean_and_std(dists)[0], gt_mean, args.contact_sheet)
     except OutputWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"scored {len(indices)} of {len(ids)} images -> {os.path.join(args.predictions, 'predictions.csv')}, pred.txt")
+    print(f"scored {len(indices)} of {len(ids)} images -> {os.path.join(args.predictions, 'predictions.csv')}, pred.txt"
+          + "".join(f", {os.path.basename(p)}" for p in pictures))
     if metrics:
         print(format_table(metrics))
     if errors:

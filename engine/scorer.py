@@ -1,0 +1,88 @@
+"""Scoring photos from Python (a notebook, a script): load a checkpoint once, then score
+PIL images or image files.
+
+    from engine.scorer import Scorer
+    scorer = Scorer.from_checkpoint("ckpts/best.pth")        # or the released VGG16 file
+    s = scorer.score("photo.jpg")                            # Score(mean=5.41, std=1.52, distribution=[...])
+    scores = scorer.score(["a.jpg", "b.png", Image.open("c.webp")])
+
+The numbers are the ones test.py writes: the same checkpoint loader, the same decoding
+(every mode to RGB, EXIF orientation applied), the same centre crop or fixed TTA crops,
+the same batched forward pass.
+"""
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from dataset.images import ImageReadError, _to_rgb, load_rgb
+from dataset.transforms import MAX_TTA
+from model import load_for_inference
+
+from .distributed import pick_device
+from .inference import inference_transform
+from .metrics import mean_and_std
+from .runtime import Runtime, resolve_speed_flags
+from .training import predict
+
+
+@dataclass
+class Score:
+    mean: float          # sum_i i * p_i over ratings 1..10
+    std: float           # sqrt(sum_i p_i (i - mean)^2)
+    distribution: list   # 10 probabilities p_1..p_10, summing to 1
+
+
+class Scorer:
+    def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = 32):
+        if not 1 <= tta <= MAX_TTA:
+            raise ValueError(f"tta must be between 1 and {MAX_TTA}, got {tta}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model, self.model_args, self.rt = model, model_args, rt
+        self.tta, self.batch_size = tta, batch_size
+        self.transform = inference_transform(model_args, tta)
+
+    @classmethod
+    def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = 32, amp="auto") -> "Scorer":
+        """Either checkpoint format (ours or the reference's released state_dict).
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp."""
+        device = pick_device(device)
+        model, model_args = load_for_inference(path, device)
+        use_amp, channels_last = resolve_speed_flags(amp, "auto", device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size)
+
+    def score(self, images):
+        """One input (a PIL image, or a path) -> a Score; a list or tuple of them -> a list
+        of Scores in the same order. A file that cannot be read raises
+        dataset.ImageReadError naming it."""
+        if isinstance(images, (list, tuple)):
+            return self._score_many(list(images))
+        return self._score_many([images])[0]
+
+    def _score_many(self, images: list) -> list:
+        tensors = [self.transform(self._rgb(item)) for item in images]
+        batches = []  # shaped like the DataLoader batches that predict() takes
+        for start in range(0, len(tensors), self.batch_size):
+            chunk = tensors[start:start + self.batch_size]
+            batches.append({"index": torch.arange(start, start + len(chunk)), "image": torch.stack(chunk),
+                            "ok": torch.ones(len(chunk), dtype=torch.bool), "error": [""] * len(chunk)})
+        _, dists, _ = predict(self.model, batches, self.rt, desc="score")
+        means, stds = mean_and_std(dists) if len(dists) else (np.zeros(0), np.zeros(0))
+        return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
+
+    @staticmethod
+    def _rgb(item) -> Image.Image:
+        if isinstance(item, Image.Image):
+            # What load_rgb does after decoding a file: orientation, then any mode to RGB.
+            return _to_rgb(ImageOps.exif_transpose(item))
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
+        try:
+            return load_rgb(item)
+        except ImageReadError as exc:
+            raise ImageReadError(f"{item}: {exc}") from None

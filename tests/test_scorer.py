@@ -1,0 +1,66 @@
+"""The notebook API gives the numbers test.py writes, for paths and PIL images alike."""
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import run_test
+from dataset import ImageReadError
+from engine.scorer import Score, Scorer
+from test_scoring import make_photo_folder, tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scorer")
+    valid, _ = make_photo_folder(root / "photos")
+    return {"root": root, "photos": root / "photos", "valid": valid, "ckpt": tiny_checkpoint(root / "tiny.pth", seed=3)}
+
+
+def rows_from_test_py(setup, out, tta):
+    assert run_test(["--model", setup["ckpt"], "--test_images", setup["photos"], "--predictions", out,
+                     "--workers", "0", "--quiet", "--tta", tta]) == 1  # the broken files
+    with open(out / "predictions.csv", newline="") as f:
+        return {r["image_id"]: r for r in csv.DictReader(f)}
+
+
+@pytest.mark.parametrize("tta", [1, 10])
+def test_scorer_equals_test_py(setup, tmp_path, tta):
+    rows = rows_from_test_py(setup, tmp_path / "out", tta)
+    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu", tta=tta, batch_size=4)
+    paths = [setup["photos"] / rel for rel in setup["valid"]]
+    scores = scorer.score(paths)
+    assert len(scores) == len(setup["valid"]) == len(rows)
+    for rel, s in zip(setup["valid"], scores):
+        row = rows[rel]
+        assert isinstance(s, Score) and len(s.distribution) == 10
+        assert s.mean == pytest.approx(float(row["mean"]), abs=1e-6)
+        assert s.std == pytest.approx(float(row["std"]), abs=1e-6)
+        assert np.allclose(s.distribution, [float(row[f"p{k}"]) for k in range(1, 11)], atol=1e-6)
+        assert sum(s.distribution) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_single_input_pil_image_and_errors(setup):
+    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu")
+    photos = setup["photos"]
+    for rel in ("k_exif6.jpg", "j_animated.gif"):  # EXIF rotation and first frame, as from a file
+        path = photos / "sub" / rel
+        one = scorer.score(path)
+        assert isinstance(one, Score)
+        with Image.open(path) as img:
+            from_pil = scorer.score(img)
+        assert from_pil.mean == pytest.approx(one.mean, abs=1e-9)
+        assert np.allclose(from_pil.distribution, one.distribution, atol=1e-9)
+    with Image.open(photos / "f_16bit.png") as img:  # in-memory I;16 becomes RGB the same way
+        assert scorer.score(img).mean == pytest.approx(scorer.score(str(photos / "f_16bit.png")).mean, abs=1e-9)
+    many = scorer.score((photos / "a_rgb.jpg", photos / "i.bmp"))
+    assert [s.mean for s in many] == pytest.approx([scorer.score(photos / "a_rgb.jpg").mean,
+                                                    scorer.score(photos / "i.bmp").mean], abs=1e-6)
+    assert scorer.score([]) == []
+    with pytest.raises(ImageReadError, match="zero.jpg: zero-byte file"):
+        scorer.score([photos / "a_rgb.jpg", photos / "sub" / "broken" / "zero.jpg"])
+    with pytest.raises(TypeError, match="PIL images or paths"):
+        scorer.score(np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match="tta must be between 1 and 10"):
+        Scorer.from_checkpoint(setup["ckpt"], device="cpu", tta=11)
