@@ -72,6 +72,8 @@ def main(args) -> int:
         return 2
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
     rt = Runtime(device=device, amp=amp, channels_last=channels_last, show_progress=not args.quiet)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape: autotune once, as main.py does
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
