@@ -104,8 +104,10 @@ def get_args_parser():
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--multi_gpu", type=str2bool, nargs="?", const=True, default=False,
-                   help="reference flag: now means DDP; prints the torchrun command to use")
+                   help="reference flag: training on several GPUs is now DDP under torchrun; prints the torchrun command to use and exits")
     g.add_argument("--gpu_ids", type=int, nargs="+", default=None, help="with --multi_gpu: the GPUs to use")
+    g.add_argument("--dist_timeout", type=int, default=600,
+                   help="under torchrun: seconds a rank waits in a collective for the others before the job fails")
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -162,6 +164,8 @@ def check_usage(args) -> None:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.num_workers < 0 or args.save_every_steps < 0 or args.early_stopping_patience < 1:
         raise UsageError("--num_workers and --save_every_steps must be >= 0 and --early_stopping_patience >= 1")
+    if args.dist_timeout < 1:
+        raise UsageError(f"--dist_timeout must be at least 1 second, got {args.dist_timeout}")
     if args.resume and args.warm_start:
         raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
                          "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
@@ -169,15 +173,15 @@ def check_usage(args) -> None:
 
 def main(args) -> int:
     if args.multi_gpu and "WORLD_SIZE" not in os.environ:
+        # Not started for the user: torchrun owns the worker processes, their restarts and
+        # their signals, and the user should see (and keep) the command that does it.
         n = len(args.gpu_ids) if args.gpu_ids else max(torch.cuda.device_count(), 1)
-        env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, args.gpu_ids))} " if args.gpu_ids else ""
         print(f"--multi_gpu now trains with DistributedDataParallel, one process per GPU. Run:\n"
-              f"  {env}torchrun --standalone --nproc_per_node={n} main.py {' '.join(a for a in sys.argv[1:] if a != '--multi_gpu')}",
-              file=sys.stderr)
+              f"  {distributed.torchrun_command(sys.argv[0], sys.argv[1:], n, args.gpu_ids)}", file=sys.stderr)
         return 2
     try:
         check_usage(args)
-        dist_info, device = distributed.setup(args.device)
+        dist_info, device = distributed.setup(args.device, args.dist_timeout)
     except (UsageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -190,6 +194,7 @@ def main(args) -> int:
         if args.train:
             code = train(args, rt)
         if args.test and code == 0:
+            distributed.barrier(rt.dist)  # every rank must read the best.pth rank 0 has just written
             code = test_split(args, rt)
         return code
     except (UsageError, ValueError, LabelFileError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:
@@ -228,6 +233,9 @@ def train(args, rt) -> int:
     net = torch.compile(model) if args.compile else model
     if rt.dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    # Validation runs outside the DDP wrapper: its forward would broadcast buffers, a
+    # collective that hangs when one rank's shard of the validation set is empty.
+    eval_net = net.module if rt.dist.enabled else net
 
     train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, model_args["image_size"], model_args["image_size"]))
     sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
@@ -270,13 +278,15 @@ def train(args, rt) -> int:
             progress = EpochProgress.from_dict(state.partial_epoch)
             state.partial_epoch = None
             sampler.set_epoch(epoch, start=progress.samples)
-            torch.manual_seed(args.seed * 1000 + epoch)  # dropout masks: a function of (seed, epoch)
+            # Dropout masks: a function of (seed, epoch, rank), so ranks do not share masks.
+            torch.manual_seed(args.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
             lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
             progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
                                        paths=train_table.paths, writer=writer, global_step=(epoch - 1) * steps_per_epoch,
                                        on_step=on_step, log=log)
             train_loss = epoch_train_loss(rt, progress)
-            val, val_errors = evaluate(net, val_loader, rt, val_table.dists)
+            distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
+            val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
             if scheduler is not None:
                 scheduler.step()
             monitored = val[args.monitor[len("val_"):]]
@@ -311,7 +321,8 @@ def train(args, rt) -> int:
             f"(resume with --resume {os.path.join(args.ckpt_path, 'last.pth')})")
         return 128 + exc.signum
     except (NonFiniteLossError, BadImageError) as exc:
-        print(f"error: {exc}. The last good checkpoint in {args.ckpt_path} is intact.", file=sys.stderr)
+        rank = f" (rank {rt.dist.rank})" if rt.dist.enabled else ""
+        print(f"error{rank}: {exc}. The last good checkpoint in {args.ckpt_path} is intact.", file=sys.stderr)
         return 1
     finally:
         restore_handlers(handlers)

@@ -1,6 +1,7 @@
 """Distributed mode from torchrun's environment; a plain run never touches torch.distributed."""
 import datetime
 import os
+import shlex
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,9 @@ class DistInfo:
 
 def setup(device_request: str, timeout_s: int = 600) -> tuple:
     """Return (DistInfo, torch.device). Under torchrun (WORLD_SIZE > 1) join the process
-    group: NCCL on GPUs, gloo on CPU, with a timeout so a dead rank ends the job
-    instead of hanging it."""
+    group: NCCL on GPUs, gloo on CPU, with a timeout so a rank that hangs (rather than
+    dies: torchrun already tears the job down when a worker exits) ends the job after
+    `timeout_s` seconds in a collective instead of blocking it forever."""
     info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
                     int(os.environ.get("WORLD_SIZE", 1)))
     device = pick_device(device_request, info.local_rank)
@@ -52,6 +54,37 @@ def pick_device(request: str, local_rank: int = 0) -> torch.device:
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def torchrun_command(script: str, argv: list, nproc: int, gpu_ids=None) -> str:
+    """The command that replaces a reference-style `--multi_gpu [--gpu_ids ...]` run:
+    torchrun with one process per GPU, `argv` without those two flags (and their values),
+    the chosen GPUs as CUDA_VISIBLE_DEVICES."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if arg == "--multi_gpu":
+            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
+                i += 1
+        elif arg == "--gpu_ids":
+            while i < len(argv) and argv[i].isdigit():
+                i += 1
+        elif not arg.startswith(("--multi_gpu=", "--gpu_ids=")):
+            kept.append(arg)
+    env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpu_ids))} " if gpu_ids else ""
+    return f"{env}torchrun --standalone --nproc_per_node={nproc} {shlex.join([script, *kept])}"
+
+
+_BOOL_WORDS = {"1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"}  # main.str2bool's words
+
+
+def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics, which each rank updates on its
+    own batches) to every rank, so all ranks evaluate the very model rank 0 saves."""
+    if info.enabled:
+        for buf in module.buffers():
+            dist.broadcast(buf, src=0)
 
 
 def barrier(info: DistInfo) -> None:
