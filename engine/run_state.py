@@ -76,8 +76,10 @@ class MetricsLog:
 
 def save_run_checkpoints(ckpt_dir, ckpt: dict, improved: bool) -> None:
     """last.pth always; epoch-N.pth (the reference's name) and best.pth when the monitored
-    metric improved. Each file is written atomically."""
-    save_checkpoint(os.path.join(ckpt_dir, "last.pth"), ckpt)
+    metric improved. Each file is written atomically, last.pth last: a run killed in
+    between resumes from the previous epoch and rewrites the others, instead of going on
+    from a last.pth whose best.pth was never written."""
     if improved:
         save_checkpoint(os.path.join(ckpt_dir, f"epoch-{ckpt['epoch']}.pth"), ckpt)
         save_checkpoint(os.path.join(ckpt_dir, "best.pth"), ckpt)
+    save_checkpoint(os.path.join(ckpt_dir, "last.pth"), ckpt)
