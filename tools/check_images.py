@@ -1,0 +1,191 @@
+"""Decode every image fully, in parallel, and list the ones training could not use:
+zero-byte, truncated, non-image and undecodable files, and images too small to crop.
+
+    python tools/check_images.py --img_path IMAGES [--csv train_labels.csv] [--workers 16] [--min_size 224]
+
+Without --csv every image under IMAGES (recursively) is checked; with --csv the
+images its rows name (a missing file counts as bad too), and a cleaned copy of the
+CSV is written: <csv stem>_clean.csv, the input's lines byte for byte minus the rows
+of bad images (a header stays). The report <csv stem>_bad_images.csv (or
+bad_images.csv without --csv) has one `path,reason` row per bad image. Both go into
+--out: by default the CSV's folder, or the current folder without --csv.
+Exit codes: 0 all images good; 1 some bad (report and cleaned CSV written); 2 bad usage.
+"""
+import argparse
+import collections
+import csv
+import functools
+import io
+import multiprocessing
+import os
+import sys
+import time
+
+# Run as `python tools/check_images.py`: make the project's packages importable.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
+from dataset.labels import ImageIndex  # noqa: E402
+from engine.fileio import OutputWriteError, atomic_path, atomic_write_text  # noqa: E402
+
+
+def read_header(path) -> tuple:
+    """(width, height) from the file's header, after Pillow's structural check
+    (Image.verify). Much cheaper than a full decode, but a JPEG cut short after its
+    header passes: only load_rgb finds that. Raises ImageReadError like load_rgb."""
+    try:
+        if os.path.getsize(path) == 0:
+            raise ImageReadError("zero-byte file")
+        with Image.open(path) as img:
+            size = img.size
+            img.verify()
+            return size
+    except ImageReadError:
+        raise
+    except FileNotFoundError:
+        raise ImageReadError("file not found") from None
+    except Image.UnidentifiedImageError:
+        raise ImageReadError("not an image Pillow can identify") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        text = str(exc)
+        raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
+
+
+def check_image(path, min_size=0, full_decode=True):
+    """None for a usable image, else the reason it is not. Top-level so a Pool can pickle it."""
+    try:
+        width, height = load_rgb(path).size if full_decode else read_header(path)
+    except ImageReadError as exc:
+        return str(exc)
+    if min(width, height) < min_size:
+        return f"too small to crop: {width}x{height}, shorter side below {min_size}"
+    return None
+
+
+def check_paths(paths, workers=1, min_size=0, full_decode=True, progress=True, desc="check images") -> dict:
+    """{path: reason} for every bad image among `paths`, checked by `workers` processes."""
+    check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode)
+    bar = functools.partial(tqdm, total=len(paths), desc=desc, disable=not progress, dynamic_ncols=True, unit="img")
+    if workers <= 1 or len(paths) < 2:
+        return {p: r for p, r in bar(map(check, paths)) if r}
+    # Chunks amortise the inter-process traffic; a few per worker keep the load balanced.
+    chunk = max(1, min(64, len(paths) // (workers * 4)))
+    with multiprocessing.Pool(workers) as pool:
+        return {p: r for p, r in bar(pool.imap_unordered(check, paths, chunksize=chunk)) if r}
+
+
+def _path_and_reason(path, min_size, full_decode):
+    return path, check_image(path, min_size, full_decode)
+
+
+def category(reason: str) -> str:
+    """The kind of problem, for the summary: the reason up to its first colon."""
+    return reason.split(":", 1)[0]
+
+
+def read_csv_lines(csv_path, img_path) -> list:
+    """[(raw line bytes, image path or None)] for every line of a label CSV; None marks a
+    header, blank or unparsable line, which the cleaned copy keeps as it is."""
+    with open(csv_path, "rb") as f:
+        raw_lines = f.read().splitlines(keepends=True)
+    index, out, first = ImageIndex(img_path), [], True
+    for raw in raw_lines:
+        cells = next(csv.reader([raw.decode("utf-8-sig", errors="replace")]), [])
+        cells = [c.strip() for c in cells]
+        if not cells or not cells[0]:
+            out.append((raw, None))
+            continue
+        is_header = first and len(cells) > 1 and all(not _is_number(c) for c in cells[1:])
+        first = False
+        if is_header:
+            out.append((raw, None))
+            continue
+        # A missing image keeps its expected path, and the check reports it as "file not found".
+        path = index.resolve(cells[0]) or os.path.join(img_path, cells[0] if os.path.splitext(cells[0])[1] else cells[0] + ".jpg")
+        out.append((raw, path))
+    return out
+
+
+def _is_number(text) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Find images that cannot be used for training, and clean a label CSV of them.")
+    p.add_argument("--img_path", required=True, help="image folder (searched recursively without --csv)")
+    p.add_argument("--csv", default=None, help="label CSV: check only its images and write <stem>_clean.csv without the bad ones")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    p.add_argument("--min_size", type=int, default=224,
+                   help="an image whose shorter side is below this is 'too small to crop' (default 224, the crop size; 0: off)")
+    p.add_argument("--out", default=None, help="folder for the report (and cleaned CSV); default: the CSV's folder, else the current one")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args) -> int:
+    if args.workers < 1 or args.min_size < 0:
+        print(f"error: --workers must be >= 1 and --min_size >= 0, got {args.workers} and {args.min_size}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.img_path):
+        print(f"error: --img_path {args.img_path!r} is not a folder", file=sys.stderr)
+        return 2
+    if args.csv and not os.path.isfile(args.csv):
+        print(f"error: --csv {args.csv!r}: no such file", file=sys.stderr)
+        return 2
+    if args.csv:
+        lines = read_csv_lines(args.csv, args.img_path)
+        paths = list(dict.fromkeys(p for _, p in lines if p))
+        out_dir = args.out or os.path.dirname(os.path.abspath(args.csv))
+        stem = os.path.splitext(os.path.basename(args.csv))[0]
+        report_path, clean_path = os.path.join(out_dir, f"{stem}_bad_images.csv"), os.path.join(out_dir, f"{stem}_clean.csv")
+    else:
+        _, paths = find_images(args.img_path)
+        out_dir = args.out or os.getcwd()
+        report_path, clean_path = os.path.join(out_dir, "bad_images.csv"), None
+    if not paths:
+        print(f"error: no images to check in {args.csv or args.img_path}", file=sys.stderr)
+        return 2
+
+    workers = min(args.workers, len(paths))
+    start = time.perf_counter()
+    bad = check_paths(paths, workers, args.min_size, full_decode=True, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+
+    try:
+        rows = sorted(bad.items())
+        atomic_write_text(report_path, _csv_text([("path", "reason"), *rows]))
+        if clean_path:
+            kept = [raw for raw, path in lines if path is None or path not in bad]
+            with atomic_path(clean_path) as tmp, open(tmp, "wb") as f:
+                f.write(b"".join(kept))
+    except OutputWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    rate = len(paths) / max(seconds, 1e-9)
+    print(f"checked {len(paths)} images in {seconds:.1f} s: {rate:.1f} images/s, "
+          f"{rate / workers:.1f} images/s per worker ({workers} worker{'s' if workers > 1 else ''})")
+    counts = collections.Counter(category(r) for r in bad.values())
+    print(f"{len(bad)} bad" + (": " + ", ".join(f"{n} {kind}" for kind, n in counts.most_common()) if bad else "")
+          + f"; report: {report_path}")
+    if clean_path:
+        print(f"cleaned CSV: {clean_path} ({sum(1 for _, p in lines if p and p not in bad)} of "
+              f"{sum(1 for _, p in lines if p)} rows kept)")
+    return 1 if bad else 0
+
+
+def _csv_text(rows) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main(get_args_parser().parse_args()))
