@@ -59,6 +59,10 @@ def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress
     signal handling; it calls progress.to_dict() only when it saves."""
     model.train()
     progress.pending_loss = torch.zeros((), device=rt.device)  # accumulated on the device: no per-step sync
+    # Dropout masks of step k come from (the caller's per-epoch seed, k), not from the RNG's
+    # history, so a run resumed mid-epoch draws the same masks (loader workers and the
+    # iterator's own draws would otherwise shift them).
+    step_seed_base = int(torch.randint(0, 2**62, ()))
     start_time, start_seconds = time.time(), progress.seconds
     bar = tqdm(loader, desc=f"epoch {epoch} train", disable=not rt.progress, dynamic_ncols=True, leave=False)
     for batch in bar:
@@ -74,6 +78,7 @@ def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress
         images = rt.images_to_device(batch["image"])
         targets = batch["target"].to(rt.device, non_blocking=True)
         weights = ok.to(rt.device, non_blocking=True).float()
+        torch.manual_seed(step_seed_base + progress.steps)
         with rt.autocast():
             pred = model(images)
         per_sample = emd_per_sample(pred, targets)  # float32, (B,)
