@@ -10,6 +10,10 @@ class OutputWriteError(OSError):
     pass
 
 
+_UMASK = os.umask(0)  # read once at import: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
 @contextmanager
 def atomic_path(path):
     """Yield a temporary path in the target's folder; rename it onto `path` on success."""
@@ -18,6 +22,7 @@ def atomic_path(path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes the file private (0600); give it open()'s mode
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before they become visible

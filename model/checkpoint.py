@@ -86,4 +86,7 @@ def save_checkpoint(path, state: dict) -> None:
     """Write `state` atomically: a crash at any moment leaves the old file or the new one."""
     state = dict(state, format_version=FORMAT_VERSION)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        try:
+            torch.save(state, tmp)
+        except RuntimeError as exc:  # torch.save reports a full disk (or any failed write) this way
+            raise OSError(f"torch.save failed: {exc}") from exc
