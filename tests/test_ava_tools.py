@@ -1,5 +1,6 @@
 """tools/ava_to_csv.py on a generated AVA.txt with missing, corrupt and zero-vote entries."""
 import csv
+import os
 
 import numpy as np
 import pytest
@@ -92,6 +93,9 @@ def test_test_list_split_exact_contents_and_rejects(ava, tmp_path, capsys):
     assert "26 entries" in captured.out
     assert "rejected 5 (2 missing, 2 unreadable, 1 zero votes)" in captured.out
     assert "train 14, val 4, test 3" in captured.out
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "train_labels.csv").stat().st_mode & 0o777 == 0o666 & ~umask  # not private like a temp file
     # The project's own reader takes the files as they are, every row.
     assert len(read_label_csv(out / "train_labels.csv", ava / "images")) == 14
 

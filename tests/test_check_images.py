@@ -118,3 +118,10 @@ def test_usage_errors_exit_2(images, argv, capsys):
     full = argv if argv[0] == "--img_path" else ["--img_path", images, *argv]
     assert run(full) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_unwritable_out_exits_2(images, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    assert run(["--img_path", images, "--min_size", "0", "--out", blocker / "out", "--quiet"]) == 2
+    assert str(blocker / "out") in capsys.readouterr().err

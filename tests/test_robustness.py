@@ -4,6 +4,7 @@ an unwritable checkpoint folder, and test.py with missing images."""
 import csv
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -210,6 +211,27 @@ def test_unwritable_ckpt_path_fails_before_training(demo_data, tmp_path, capsys)
     captured = capsys.readouterr()
     assert f"cannot write into {blocker / 'ckpt'}" in captured.err
     assert "training" not in captured.out
+
+
+def test_full_disk_when_saving_keeps_the_previous_checkpoint(demo_data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert run_main(train_args(demo_data, ckpt, "--epochs", "1")) == 0
+    before = (ckpt / "last.pth").read_bytes()
+    # A file-size limit fails every write past 200 KB (EFBIG) the way a full disk does
+    # (ENOSPC): the 800 KB checkpoints of epoch 2 cannot be written, the small logs can.
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, hard))
+    try:
+        code = run_main(train_args(demo_data, ckpt, "--resume", ckpt / "last.pth"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"could not write {ckpt}" in err and "the previous file, if any, is intact" in err
+    assert (ckpt / "last.pth").read_bytes() == before
+    assert not [name for name in os.listdir(ckpt) if name.endswith(".tmp")]
 
 
 def test_predict_with_missing_images_writes_the_rest_and_errors_csv(demo_data, tmp_path, reference):

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from dataset.images import is_image_file  # noqa: E402
 from dataset.labels import NUM_BINS, ImageIndex, LabelFileError  # noqa: E402
-from engine.fileio import OutputWriteError, atomic_write_text  # noqa: E402
+from engine.fileio import atomic_write_text  # noqa: E402
 from tools.check_images import check_paths  # noqa: E402
 
 AVA_COLUMNS = 15
@@ -197,7 +197,7 @@ def main(args) -> int:
         csv.writer(buf, lineterminator="\n").writerows(
             [("image_id", "reason")] + [(i, rejected[i]) for _, i, _ in entries if i in rejected])
         atomic_write_text(os.path.join(args.out_dir, "rejected.csv"), buf.getvalue())
-    except (UsageError, OutputWriteError) as exc:
+    except (UsageError, OSError) as exc:  # OSError: OutputWriteError, or a folder that cannot be made
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

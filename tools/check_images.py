@@ -29,7 +29,7 @@ from tqdm import tqdm  # noqa: E402
 
 from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
 from dataset.labels import ImageIndex  # noqa: E402
-from engine.fileio import OutputWriteError, atomic_path, atomic_write_text  # noqa: E402
+from engine.fileio import atomic_path, atomic_write_text  # noqa: E402
 
 
 def read_header(path) -> tuple:
@@ -165,7 +165,7 @@ def main(args) -> int:
             kept = [raw for raw, path in lines if path is None or path not in bad]
             with atomic_path(clean_path) as tmp, open(tmp, "wb") as f:
                 f.write(b"".join(kept))
-    except OutputWriteError as exc:
+    except OSError as exc:  # OutputWriteError, or a folder that cannot be made
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
