@@ -50,6 +50,8 @@ def get_args_parser():
     p.add_argument("--quick", action="store_true", help="smoke run: tiny_cnn at 64 px, a few steps and images")
     p.add_argument("--base_model", default=None, help="backbone (default vgg16; tiny_cnn with --quick)")
     p.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's)")
+    p.add_argument("--resize_size", type=int, default=None, help="shorter side before the crop, and the cache's size "
+                                                                  "(default: the backbone's ratio, 256 for 224)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default 128; 4 with --quick)")
     p.add_argument("--infer_batch_size", type=int, default=None, help="inference batch (default: 2 x --batch_size)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per training figure (default 20; 2 with --quick)")
@@ -81,10 +83,13 @@ def resolve(args):
         raise ValueError(f"--warmup and --workers must be >= 0, got {args.warmup} and {args.workers}")
     model_args = dict(default_model_args(args.base_model))  # raises with the valid names
     if args.image_size is not None:
-        # Keep the backbone's resize/crop ratio (256/224 for vgg16).
+        # Keep the backbone's resize/crop ratio (256/224 for vgg16) unless told otherwise.
         model_args["resize_size"] = round(args.image_size * model_args["resize_size"] / model_args["image_size"])
         model_args["image_size"] = args.image_size
-    model_args["dropout"] = 0.75
+    if args.resize_size is not None:
+        model_args["resize_size"] = args.resize_size
+    if not 32 <= model_args["image_size"] <= model_args["resize_size"]:
+        raise ValueError(f"need 32 <= --image_size <= --resize_size, got {model_args['image_size']} and {model_args['resize_size']}")
     only = set(args.only.split(",")) if args.only else set(figures.ALL)
     unknown = only - set(figures.ALL)
     if unknown:
@@ -123,6 +128,11 @@ def prepare_data(data_dir, args, model_args) -> dict:
     return {"original": originals, f"cache{size}": cached}
 
 
+def rate(x: float) -> str:
+    """Images/s: one decimal, or three significant digits below 10 (a CPU's VGG16 runs below 1)."""
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def print_table(records, hw: str) -> None:
     print(f"\nNIMA speed, {hw}")
     head = ("figure", "variant", "data", "images/s", "ratio", "notes")
@@ -132,9 +142,9 @@ def print_table(records, hw: str) -> None:
         if "loader_wait_ms_per_step" in r:
             notes.append(f"loader wait {r['loader_wait_ms_per_step']:.1f} ms/step")
         if "images_per_s_per_worker" in r:
-            notes.append(f"{r['images_per_s_per_worker']:.1f} img/s per worker")
+            notes.append(f"{rate(r['images_per_s_per_worker'])} img/s per worker")
         ratio = f"{r['ratio']:.2f}x vs {r['ratio_to']}" if "ratio" in r else ""
-        rows.append((r["figure"], r["variant"], r["data"], f"{r['images_per_s']:.1f}", ratio, "; ".join(notes)))
+        rows.append((r["figure"], r["variant"], r["data"], rate(r["images_per_s"]), ratio, "; ".join(notes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     for n, row in enumerate(rows):
         print("  ".join(cell.ljust(w) if i < 3 or i > 4 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))

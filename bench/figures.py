@@ -83,15 +83,24 @@ class Bench:
 
     # ----- figures -----
     def decode_1core(self):
-        """Per-core cost of getting a crop: decode + EXIF + resize + crop + to tensor."""
+        """Per-core cost of getting a crop: decode + EXIF + resize + crop + to tensor.
+        The data sets are timed image by image in turn (original n, cache n, original
+        n+1, ...), so a burst of other work on the machine slows both alike."""
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            transform, base = eval_transform(self.model_args), None
-            for data, paths in self.data.items():
+            transform = eval_transform(self.model_args)
+            seconds = dict.fromkeys(self.data, 0.0)
+            for paths in self.data.values():
                 transform(load_rgb(paths[0]))  # warm the code paths
-                _, seconds = timed(lambda: [transform(load_rgb(p)) for p in paths], "cpu")
-                result = {"images_per_s": len(paths) / seconds, "images": len(paths), "workers": 0}
+            for n in range(len(self.data["original"])):
+                for data, paths in self.data.items():
+                    start = time.perf_counter()
+                    transform(load_rgb(paths[n]))
+                    seconds[data] += time.perf_counter() - start
+            base = None
+            for data, paths in self.data.items():
+                result = {"images_per_s": len(paths) / seconds[data], "images": len(paths), "workers": 0}
                 rate = self.record("decode_1core", "pillow", data, result, base, ratio_to="original")
                 base = base or rate
         finally:
