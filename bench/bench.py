@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python bench/bench.py`
@@ -174,7 +175,9 @@ def main(args) -> int:
         bench = figures.Bench(args, model_args, device, data, emit)
         for name in figures.ALL:
             if name in only:
+                start = time.perf_counter()
                 getattr(bench, name)()
+                print(f"# {name}: measured in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print_table(records, hw)
     if args.out:
         atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
