@@ -37,11 +37,6 @@ from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
 from engine.fileio import OutputWriteError, atomic_path  # noqa: E402
 
 WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
-# mkstemp creates files readable by their owner only; a cache is data for every user
-# of the machine, so give it the permissions an ordinary file would get.
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 
 def get_args_parser():
@@ -100,7 +95,6 @@ def resize_one(task) -> tuple:
             img = F.resize(img, size, interpolation=InterpolationMode.BILINEAR)
         with atomic_path(dst_path) as tmp:
             img.save(tmp, "JPEG", quality=quality)
-            os.chmod(tmp, FILE_MODE)
     except ImageReadError as exc:
         return src_path, FAILED, str(exc)
     except (OutputWriteError, OSError, ValueError) as exc:
