@@ -33,7 +33,7 @@ def get_args_parser():
     p.add_argument("--test_images", required=True, help="image folder for --test_csv; otherwise one image, a folder (recursive) or a quoted glob")
     p.add_argument("--predictions", default="predictions", help="output folder (files are replaced atomically)")
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=64, help="network inputs per forward pass (under --tta N: N crops per image)")
     p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")

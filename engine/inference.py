@@ -43,12 +43,19 @@ def inference_dataset(paths, model_args, dists=None, tta=1):
     return ImageDataset(paths, transform, dists, image_shape=shape)
 
 
+def images_per_batch(batch_size, tta=1):
+    """--batch_size counts network inputs: under TTA each image is `tta` crops, and 64
+    images x 10 crops in one VGG16 forward pass need over 20 GB on CPU (measured: the
+    process was killed for memory)."""
+    return max(1, batch_size // tta)
+
+
 def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1):
     """Predicted distributions for `paths`: (indices of readable images, (N, 10) dists,
     [(index, reason)] for the rest). Every item once, across ranks."""
     dataset = inference_dataset(paths, model_args, tta=tta)
     sampler = ShardSampler(len(dataset), rt.dist.world_size, rt.dist.rank)
-    loader = make_loader(dataset, batch_size, workers, rt, sampler=sampler)
+    loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt, sampler=sampler)
     return gather_predictions(rt, *predict(model, loader, rt, desc="score"))
 
 

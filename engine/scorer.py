@@ -13,7 +13,6 @@ the same batched forward pass.
 import os
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from PIL import Image, ImageOps
 
@@ -22,7 +21,7 @@ from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
 from .distributed import pick_device
-from .inference import inference_transform
+from .inference import images_per_batch, inference_transform
 from .metrics import mean_and_std
 from .runtime import Runtime, resolve_speed_flags
 from .training import predict
@@ -37,6 +36,7 @@ class Score:
 
 class Scorer:
     def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = 32):
+        """batch_size: network inputs per forward pass (crops under TTA), as test.py's."""
         if not 1 <= tta <= MAX_TTA:
             raise ValueError(f"tta must be between 1 and {MAX_TTA}, got {tta}")
         if batch_size < 1:
@@ -64,15 +64,18 @@ class Scorer:
             return self._score_many(list(images))
         return self._score_many([images])[0]
 
+    def _batches(self, images: list):
+        """Batches shaped like the DataLoader's that predict() takes, decoded one batch at
+        a time so that a long list never sits in memory as tensors."""
+        step = images_per_batch(self.batch_size, self.tta)
+        for start in range(0, len(images), step):
+            chunk = [self.transform(self._rgb(item)) for item in images[start:start + step]]
+            yield {"index": torch.arange(start, start + len(chunk)), "image": torch.stack(chunk),
+                   "ok": torch.ones(len(chunk), dtype=torch.bool), "error": [""] * len(chunk)}
+
     def _score_many(self, images: list) -> list:
-        tensors = [self.transform(self._rgb(item)) for item in images]
-        batches = []  # shaped like the DataLoader batches that predict() takes
-        for start in range(0, len(tensors), self.batch_size):
-            chunk = tensors[start:start + self.batch_size]
-            batches.append({"index": torch.arange(start, start + len(chunk)), "image": torch.stack(chunk),
-                            "ok": torch.ones(len(chunk), dtype=torch.bool), "error": [""] * len(chunk)})
-        _, dists, _ = predict(self.model, batches, self.rt, desc="score")
-        means, stds = mean_and_std(dists) if len(dists) else (np.zeros(0), np.zeros(0))
+        _, dists, _ = predict(self.model, self._batches(images), self.rt, desc="score")
+        means, stds = mean_and_std(dists)
         return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
 
     @staticmethod

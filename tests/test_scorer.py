@@ -64,3 +64,16 @@ def test_single_input_pil_image_and_errors(setup):
         scorer.score(np.zeros((8, 8, 3)))
     with pytest.raises(ValueError, match="tta must be between 1 and 10"):
         Scorer.from_checkpoint(setup["ckpt"], device="cpu", tta=11)
+
+
+def test_tta_batches_count_crops(setup):
+    """--batch_size / batch_size bound the network's input: under TTA 10, 64 images would be
+    640 crops in one VGG16 pass (killed for memory on a 23 GB machine)."""
+    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu", tta=10, batch_size=20)
+    seen = []
+    handle = scorer.model.register_forward_pre_hook(lambda _m, inputs: seen.append(len(inputs[0])))
+    try:
+        scorer.score([setup["photos"] / rel for rel in setup["valid"][:5]])
+    finally:
+        handle.remove()
+    assert seen == [20, 20, 10]  # 2 + 2 + 1 images of 10 crops
