@@ -2,6 +2,7 @@
 import datetime
 import os
 import shlex
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -35,8 +36,24 @@ def setup(device_request: str, timeout_s: int = 600) -> tuple:
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        warning = restart_store_warning(os.environ)
+        if warning and info.is_main:  # before init: that is where a restart fails
+            print(f"warning: {warning}", file=sys.stderr)
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return info, device
+
+
+def restart_store_warning(environ) -> str:
+    """Why restarts may fail, or '' when they are safe. With --max_restarts, torchrun by
+    default shares its rendezvous store with the workers, and the process-group keys of
+    the workers that died stay in it: a restarted rank can read a dead rank's address and
+    fail to connect ("Connection refused" in init_process_group; pytorch/pytorch#135712,
+    #167288). TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives every restart a fresh store."""
+    if int(environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return ("torchrun --max_restarts with its shared rendezvous store: a restart can fail with "
+                "'Connection refused' (stale addresses of the dead workers); launch torchrun with "
+                "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
+    return ""
 
 
 def pick_device(request: str, local_rank: int = 0) -> torch.device:
