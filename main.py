@@ -283,8 +283,11 @@ def train(args, rt) -> int:
             lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
             progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
                                        paths=train_table.paths, writer=writer, global_step=(epoch - 1) * steps_per_epoch,
-                                       on_step=on_step, log=log)
+                                       on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
             train_loss = epoch_train_loss(rt, progress)
+            # All ranks' unreadable images; a set, since after a mid-epoch resume every rank
+            # starts from rank 0's saved list (an image occurs once per epoch).
+            skipped = sorted({p for part in distributed.gather_objects(rt.dist, progress.skipped) for p in part})
             distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
             val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
             if scheduler is not None:
@@ -298,7 +301,7 @@ def train(args, rt) -> int:
             state.epoch, state.partial_epoch = epoch, None  # a mid-epoch save set partial_epoch; the epoch is whole now
             record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
                       "seconds": progress.seconds, "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
-                      "skipped_images": len(progress.skipped), "val_unreadable_images": len(val_errors)}
+                      "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
             if rt.dist.is_main:
                 metrics_log.append(record)  # before the checkpoint: see MetricsLog
                 save_run_checkpoints(args.ckpt_path, checkpoint_dict(model, optimizer, scheduler, state, args, model_args), improved)
@@ -310,7 +313,7 @@ def train(args, rt) -> int:
             log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
                 f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
                 + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
-                + (f"  skipped {len(progress.skipped)} unreadable" if progress.skipped else ""))
+                + (f"  skipped {len(skipped)} unreadable" if skipped else ""))
             if stop["signum"] is not None:  # a signal during validation: last.pth was just saved
                 raise StopRequested(stop["signum"])
             if state.epochs_without_improvement >= args.early_stopping_patience:

@@ -126,17 +126,34 @@ def test_ddp_metrics_equal_single_process_evaluation(ddp_run, demo_data, tmp_pat
     assert (ckpt / "test" / "predictions.csv").read_text() == (out / "predictions.csv").read_text()
 
 
-def test_ddp_resume_from_last_pth(ddp_run, demo_data, tmp_path):
+def copy_data(demo_data, dest, corrupt_train_images=0):
+    """A copy of the demo data whose first `corrupt_train_images` training images are not images."""
+    shutil.copytree(demo_data / "images", dest / "images")
+    for name in ("train_labels.csv", "val_labels.csv"):
+        shutil.copy(demo_data / name, dest / name)
+    ids = [line.split(",")[0] for line in (dest / "train_labels.csv").read_text().splitlines()]
+    bad = [dest / "images" / f"{i}.jpg" for i in ids[:corrupt_train_images]]
+    for path in bad:
+        path.write_bytes(b"not a jpeg")
+    return bad
+
+
+def test_ddp_resume_from_last_pth_counts_every_ranks_unreadable_images(ddp_run, demo_data, tmp_path):
     ckpt, first = ddp_run
     assert first.returncode == 0, first.stdout + first.stderr
     resumed = tmp_path / "ckpt"
     shutil.copytree(ckpt, resumed)
-    proc = torchrun(ddp_args(demo_data, resumed, "--resume", resumed / "last.pth", "--epochs", "3"))
+    # Six training images went bad since: they fall on both ranks' shards, and every one is
+    # reported (not only rank 0's).
+    bad = copy_data(demo_data, tmp_path / "data", corrupt_train_images=6)
+    proc = torchrun(ddp_args(tmp_path / "data", resumed, "--resume", resumed / "last.pth", "--epochs", "3"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed from epoch 2" in proc.stdout
     records = read_metrics(resumed)
     assert [r["epoch"] for r in records] == [1, 2, 3]
     assert records[:2] == read_metrics(ckpt)
+    assert records[2]["skipped_images"] == 6 and "skipped 6 unreadable" in proc.stdout
+    assert all(proc.stdout.count(f"skipping unreadable image {path}:") == 1 for path in bad), proc.stdout
     assert load(resumed / "last.pth")["epoch"] == 3
     assert_same_metrics(single_process_val_metrics(resumed / "last.pth", demo_data), records[-1], "val_")
 
@@ -206,11 +223,7 @@ def test_a_failing_rank_ends_the_job_with_its_error(demo_data, tmp_path):
     # One corrupt training image under --strict_images: only the rank whose shard holds it
     # fails; the other rank, waiting for it in the gradient all-reduce, must not hang.
     data = tmp_path / "data"
-    shutil.copytree(demo_data / "images", data / "images")
-    for name in ("train_labels.csv", "val_labels.csv"):
-        shutil.copy(demo_data / name, data / name)
-    bad = data / "images" / ((demo_data / "train_labels.csv").read_text().split(",")[0] + ".jpg")
-    bad.write_bytes(b"not a jpeg")
+    bad = copy_data(demo_data, data, corrupt_train_images=1)[0]
     start = time.time()
     proc = torchrun(ddp_args(data, tmp_path / "ckpt", "--strict_images"))
     assert proc.returncode != 0
