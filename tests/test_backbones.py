@@ -16,8 +16,10 @@ from model.registry import PretrainedWeightsError, get_backbone
 
 
 def small_args(name, **extra):
-    """model_args at the smallest sensible input: 64 px (32 for vgg16), more where the
-    backbone needs it (inception_v3: 75)."""
+    """model_args at a small input, to keep the CPU tests fast: 64 px, so that the last
+    feature maps are still 2x2 (batch-norm statistics over a batch of 2 at 1x1 make the
+    gradients explode); 32 for vgg16 (no batch norm); more where the backbone needs it
+    (inception_v3: 75)."""
     spec = get_backbone(name)
     size = max(32 if name == "vgg16" else 64, spec.min_image_size)
     return dict(default_model_args(name), image_size=size, resize_size=size + 8, **extra)
@@ -31,8 +33,6 @@ def few_images(demo_data, tmp_path_factory):
     return folder
 
 
-def changed(before, module):
-    return not all(torch.equal(b, p) for b, p in zip(before, module.parameters()))
 
 
 @pytest.mark.parametrize("name", list_backbones())
@@ -43,7 +43,7 @@ def test_backbone_end_to_end(name, few_images, tmp_path):
     size = model_args["image_size"]
 
     # The two learning-rate groups cover every parameter exactly once.
-    groups = model.param_groups(0.05, 0.05)
+    groups = model.param_groups(0.01, 0.01)
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.classifier[-2].parameters()}
@@ -52,14 +52,14 @@ def test_backbone_end_to_end(name, few_images, tmp_path):
     model.train()
     x = torch.randn(2, 3, size, size)
     target = torch.softmax(torch.randn(2, 10), dim=1)
-    base_before = [p.detach().clone() for p in model.features.parameters()]
-    head_before = [p.detach().clone() for p in model.classifier.parameters()]
+    first_conv, new_layer = next(model.features.parameters()), model.classifier[-2].weight
+    before = [first_conv.detach().clone(), new_layer.detach().clone()]
     optimizer = torch.optim.SGD(groups, momentum=0.9)
     loss = emd_loss(model(x), target)
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
-    assert changed(base_before, model.features) and changed(head_before, model.classifier)
+    assert not torch.equal(before[0], first_conv) and not torch.equal(before[1], new_layer)
 
     model.eval()
     with torch.no_grad():
@@ -141,12 +141,14 @@ def test_pretrained_path_fills_backbone_and_drops_its_classifier(tmp_path):
 @pytest.mark.parametrize("name, width", [("resnet18", 512), ("squeezenet1_1", 512), ("googlenet", 1024), ("alexnet", 9216)])
 def test_any_torchvision_model_by_name(name, width):
     assert name not in list_backbones()
-    model = build_model(small_args(name))
+    model_args = small_args(name)
+    model = build_model(model_args)
     assert model.classifier[1].in_features == width
     # Nothing of the ImageNet classifier is left: no dropout, no auxiliary heads.
     assert not any(isinstance(m, nn.Dropout) for m in model.features.modules())
     model.train()  # googlenet's forward returns a plain tensor once its aux heads are gone
-    out = model(torch.rand(2, 3, 64, 64))
+    size = model_args["image_size"]
+    out = model(torch.rand(2, 3, size, size))
     assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
 
 
