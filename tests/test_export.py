@@ -106,3 +106,15 @@ def test_unreadable_checkpoint_exits_2(tmp_path, capsys):
     (tmp_path / "junk.pth").write_text("not a checkpoint")
     assert run_export(["--model", tmp_path / "junk.pth", "--format", "torchscript", "--out", tmp_path / "x.pt"]) == 2
     assert "junk.pth" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load:FutureWarning")
+def test_torchscript_export_of_inception_v3(tmp_path, capsys):
+    """The backbone whose torchvision forward changes most (aux heads removed, input
+    transform): traced at batch 2, checked by the tool at batch 1 and 3."""
+    torch.manual_seed(0)
+    model_args = dict(default_model_args("inception_v3"), image_size=75, resize_size=84)
+    save_checkpoint(tmp_path / "inc.pth", {"model": build_model(model_args).state_dict(), "model_args": model_args})
+    assert run_export(["--model", tmp_path / "inc.pth", "--format", "torchscript", "--out", tmp_path / "inc.pt"]) == 0
+    assert "max |torchscript - PyTorch| = " in capsys.readouterr().out
+    assert torch.jit.load(str(tmp_path / "inc.pt"))(torch.rand(4, 3, 75, 75)).shape == (4, 10)
