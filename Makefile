@@ -18,10 +18,11 @@ demo: install
 		--base_model tiny_cnn --pretrained none --conv_base_lr 0.01 --dense_lr 0.01 --decay --lr_decay_freq 10 \
 		--epochs 30 --train_batch_size 32 --num_workers 2 --seed 0 --quiet
 	$(PYTHON) test.py --model $(DEMO_CKPT)/best.pth --test_csv $(DEMO)/test_labels.csv --test_images $(DEMO)/images \
-		--predictions $(DEMO_PRED) --workers 2 --quiet
+		--predictions $(DEMO_PRED) --workers 2 --contact_sheet 4 --quiet
 	@echo "demo: checkpoints in $(DEMO_CKPT), predictions and metrics.json in $(DEMO_PRED), pictures in snapshots/demo"
 
 test: install
+	@$(PYTHON) tools/check_requirements.py requirements-export.txt || $(PYTHON) -m pip install -q -r requirements-export.txt
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:
