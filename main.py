@@ -9,12 +9,9 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 130/143 stopped by SIGINT/SIGTERM after saving last.pth.
 """
 import argparse
-import math
 import os
 import random
-import signal
 import sys
-import time
 
 import numpy as np
 import torch
@@ -24,23 +21,18 @@ from engine import distributed
 from engine.fileio import OutputWriteError, check_writable
 from engine.inference import inference_dataset, make_loader, run_on_table
 from engine.metrics import format_table
-from engine.plots import plot_curves
-from engine.run_state import MONITORS, MetricsLog, RunState, checkpoint_dict, restore, save_run_checkpoints, signed
+from engine.run_state import MONITORS, RunOutputs, RunState, checkpoint_dict, load_warm_start_weights, restore, signed
 from engine.runtime import Runtime, resolve_speed_flags
+from engine.signals import StopOnSignals, StopRequested
 from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, evaluate, train_one_epoch
 from model import (CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones,
-                   load_for_inference, save_checkpoint, strip_wrapper_prefixes)
-from model.checkpoint import is_released_state_dict, read_checkpoint_file
+                   load_for_inference, save_checkpoint)
+from model.checkpoint import read_checkpoint_file
 from model.nima import check_model_args
 
 
 class UsageError(ValueError):
     pass
-
-
-class StopRequested(Exception):
-    def __init__(self, signum):
-        self.signum = signum
 
 
 def str2bool(text):
@@ -204,6 +196,20 @@ def main(args) -> int:
         distributed.cleanup(dist_info)
 
 
+def train_loaders(args, rt, model_args, train_table, val_table):
+    """(training sampler, training loader, validation loader). The training order is a
+    function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
+    size = model_args["image_size"]
+    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, size, size))
+    sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
+    # drop_last only under --compile, where a smaller last batch would trigger a recompile.
+    train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
+    val_set = inference_dataset(val_table.paths, model_args, val_table.dists)
+    val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
+                             sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
+    return sampler, train_loader, val_loader
+
+
 def train(args, rt) -> int:
     log = print if rt.dist.is_main else (lambda *a, **k: None)
     # Everything that can be wrong with the configuration is found here, in seconds.
@@ -227,139 +233,92 @@ def train(args, rt) -> int:
         state = restore(resume_ckpt, model, optimizer, scheduler)
         log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
     elif args.warm_start:
-        state.epoch = warm_start(args, model, model_args)
+        load_warm_start_weights(os.path.join(args.ckpt_path, f"epoch-{args.warm_start_epoch}.pth"), model, model_args["base_model"])
+        state.epoch = args.warm_start_epoch
         log(f"warm start from epoch-{args.warm_start_epoch}.pth")
 
-    net = torch.compile(model) if args.compile else model
+    net = torch.compile(model) if args.compile else model  # compile before the DDP wrap
     if rt.dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
     # Validation runs outside the DDP wrapper: its forward would broadcast buffers, a
     # collective that hangs when one rank's shard of the validation set is empty.
     eval_net = net.module if rt.dist.enabled else net
-
-    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, model_args["image_size"], model_args["image_size"]))
-    sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
-    # drop_last only under --compile, where a smaller last batch would trigger a recompile.
-    train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
-    val_set = inference_dataset(val_table.paths, model_args, val_table.dists)
-    val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
-                             sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
-
-    log_dir = args.log_dir or os.path.join(args.ckpt_path, "tensorboard")
-    snapshot_dir = args.snapshot_dir or os.path.join("snapshots", os.path.basename(os.path.normpath(args.ckpt_path)))
-    writer, metrics_log = None, None
+    sampler, train_loader, val_loader = train_loaders(args, rt, model_args, train_table, val_table)
+    outputs = None
     if rt.dist.is_main:
-        from tensorboardX import SummaryWriter
-        writer = SummaryWriter(log_dir)
-        metrics_log = MetricsLog(os.path.join(args.ckpt_path, "metrics.jsonl"), state.epoch)
+        snapshot_dir = args.snapshot_dir or os.path.join("snapshots", os.path.basename(os.path.normpath(args.ckpt_path)))
+        outputs = RunOutputs(args.ckpt_path, args.log_dir or os.path.join(args.ckpt_path, "tensorboard"),
+                             snapshot_dir, args.monitor, state.epoch)
 
-    stop = {"signum": None}
-    handlers = install_stop_handlers(stop)
-
-    def save_last(progress=None):
+    def save_last(progress):
         if rt.dist.is_main:
-            state.partial_epoch = progress.to_dict() if progress is not None else None
+            state.partial_epoch = progress.to_dict()
             save_checkpoint(os.path.join(args.ckpt_path, "last.pth"),
                             checkpoint_dict(model, optimizer, scheduler, state, args, model_args))
 
     def on_step(progress):
-        if stop["signum"] is not None:
+        if stop.requested or (args.save_every_steps and progress.steps % args.save_every_steps == 0):
             save_last(progress)
-            raise StopRequested(stop["signum"])
-        if args.save_every_steps and progress.steps % args.save_every_steps == 0:
-            save_last(progress)
+        stop.check()
 
-    log(f"training {model_args['base_model']} on {len(train_set)} images, validating on {len(val_set)}, "
+    log(f"training {model_args['base_model']} on {len(train_table)} images, validating on {len(val_table)}, "
         f"{rt.device}{', bf16' if rt.amp else ''}{', channels_last' if rt.channels_last else ''}"
         f"{', compiled' if args.compile else ''}{f', {rt.dist.world_size} processes' if rt.dist.enabled else ''}")
-    steps_per_epoch = sampler.per_rank() // args.train_batch_size if args.compile else math.ceil(sampler.per_rank() / args.train_batch_size)
+    steps_per_epoch = len(train_loader)
     try:
-        for epoch in range(state.epoch + 1, args.epochs + 1):
-            progress = EpochProgress.from_dict(state.partial_epoch)
-            state.partial_epoch = None
-            sampler.set_epoch(epoch, start=progress.samples)
-            # Dropout masks: a function of (seed, epoch, rank), so ranks do not share masks.
-            torch.manual_seed(args.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
-            lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
-            progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
-                                       paths=train_table.paths, writer=writer, global_step=(epoch - 1) * steps_per_epoch,
-                                       on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
-            train_loss = epoch_train_loss(rt, progress)
-            # All ranks' unreadable images; a set, since after a mid-epoch resume every rank
-            # starts from rank 0's saved list (an image occurs once per epoch).
-            skipped = sorted({p for part in distributed.gather_objects(rt.dist, progress.skipped) for p in part})
-            distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
-            val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
-            if scheduler is not None:
-                scheduler.step()
-            monitored = val[args.monitor[len("val_"):]]
-            improved = state.improves(args.monitor, monitored)
-            if improved:
-                state.best_val_loss, state.epochs_without_improvement = signed(args.monitor, monitored), 0
-            else:
-                state.epochs_without_improvement += 1
-            state.epoch, state.partial_epoch = epoch, None  # a mid-epoch save set partial_epoch; the epoch is whole now
-            record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
-                      "seconds": progress.seconds, "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
-                      "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
-            if rt.dist.is_main:
-                metrics_log.append(record)  # before the checkpoint: see MetricsLog
-                save_run_checkpoints(args.ckpt_path, checkpoint_dict(model, optimizer, scheduler, state, args, model_args), improved)
-                for key, value in record.items():
-                    if key != "epoch" and isinstance(value, (int, float)):
-                        writer.add_scalar(f"epoch/{key}", value, epoch)
-                writer.flush()
-                plot_curves(metrics_log.records, os.path.join(snapshot_dir, "curves.png"), args.monitor)
-            log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
-                f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
-                + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
-                + (f"  skipped {len(skipped)} unreadable" if skipped else ""))
-            if stop["signum"] is not None:  # a signal during validation: last.pth was just saved
-                raise StopRequested(stop["signum"])
-            if state.epochs_without_improvement >= args.early_stopping_patience:
-                log(f"early stopping: {args.monitor} has not improved for {args.early_stopping_patience} epochs")
-                break
+        with StopOnSignals() as stop:
+            for epoch in range(state.epoch + 1, args.epochs + 1):
+                progress = EpochProgress.from_dict(state.partial_epoch)
+                sampler.set_epoch(epoch, start=progress.samples)
+                # Dropout masks: a function of (seed, epoch, rank), so ranks do not share masks.
+                torch.manual_seed(args.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
+                lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+                progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
+                                           paths=train_table.paths, writer=outputs and outputs.writer,
+                                           global_step=(epoch - 1) * steps_per_epoch,
+                                           on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
+                train_loss = epoch_train_loss(rt, progress)
+                # All ranks' unreadable images; a set, since after a mid-epoch resume every rank
+                # starts from rank 0's saved list (an image occurs once per epoch).
+                skipped = sorted({p for part in distributed.gather_objects(rt.dist, progress.skipped) for p in part})
+                distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
+                val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
+                if scheduler is not None:
+                    scheduler.step()
+                monitored = val[args.monitor[len("val_"):]]
+                improved = state.improves(args.monitor, monitored)
+                if improved:
+                    state.best_val_loss, state.epochs_without_improvement = signed(args.monitor, monitored), 0
+                else:
+                    state.epochs_without_improvement += 1
+                state.epoch, state.partial_epoch = epoch, None  # a mid-epoch save set partial_epoch; the epoch is whole now
+                record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
+                          "seconds": progress.seconds,
+                          "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
+                          "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
+                if outputs is not None:
+                    outputs.end_epoch(record, checkpoint_dict(model, optimizer, scheduler, state, args, model_args), improved)
+                log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
+                    f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
+                    + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
+                    + (f"  skipped {len(skipped)} unreadable" if skipped else ""))
+                stop.check()  # a signal during validation: last.pth was just saved
+                if state.epochs_without_improvement >= args.early_stopping_patience:
+                    log(f"early stopping: {args.monitor} has not improved for {args.early_stopping_patience} epochs")
+                    break
     except StopRequested as exc:
-        log(f"stopped by signal {exc.signum}; saved {os.path.join(args.ckpt_path, 'last.pth')} "
-            f"(resume with --resume {os.path.join(args.ckpt_path, 'last.pth')})")
+        last = os.path.join(args.ckpt_path, "last.pth")
+        log(f"stopped by signal {exc.signum}; saved {last} (resume with --resume {last})")
         return 128 + exc.signum
     except (NonFiniteLossError, BadImageError) as exc:
         rank = f" (rank {rt.dist.rank})" if rt.dist.enabled else ""
         print(f"error{rank}: {exc}. The last good checkpoint in {args.ckpt_path} is intact.", file=sys.stderr)
         return 1
     finally:
-        restore_handlers(handlers)
-        if writer is not None:
-            writer.close()
+        if outputs is not None:
+            outputs.close()
     log(f"done: best {args.monitor} {signed(args.monitor, state.best_val_loss):.4f}; checkpoints in {args.ckpt_path}")
     return 0
-
-
-def warm_start(args, model, model_args) -> int:
-    """The reference's warm start: weights of epoch-N.pth in --ckpt_path (ours or the
-    released format), then continue counting epochs from N."""
-    path = os.path.join(args.ckpt_path, f"epoch-{args.warm_start_epoch}.pth")
-    ckpt = read_checkpoint_file(path)
-    state = strip_wrapper_prefixes(ckpt if is_released_state_dict(ckpt) else ckpt["model"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--warm_start: {path} does not fit a {model_args['base_model']} NIMA: {exc}") from exc
-    return args.warm_start_epoch
-
-
-def install_stop_handlers(stop: dict) -> dict:
-    """SIGINT/SIGTERM ask the loop to save last.pth after the current step, then stop."""
-    def handler(signum, _frame):
-        if stop["signum"] is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        stop["signum"] = signum
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-
-
-def restore_handlers(handlers: dict) -> None:
-    for sig, old in handlers.items():
-        signal.signal(sig, old)
 
 
 def test_split(args, rt) -> int:

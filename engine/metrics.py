@@ -77,4 +77,4 @@ def format_table(metrics: dict, reference: dict = PAPER_VGG16, reference_name: s
         cells = [f"{values[k]:>10.4f}" if k in values else f"{'-':>10}" for k, _ in cols]
         return f"{label:<{width}} " + " ".join(cells)
 
-    return "\n".join([head, row(f"this run", metrics), row(reference_name, reference)]) + f"\n(n = {metrics['n']} images)"
+    return "\n".join([head, row("this run", metrics), row(reference_name, reference)]) + f"\n(n = {metrics['n']} images)"

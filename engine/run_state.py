@@ -1,13 +1,16 @@
-"""What a training run carries across restarts: checkpoints in the --ckpt_path folder and
-the per-epoch metrics log. Only rank 0 calls the writers."""
+"""What a training run carries across restarts and writes as it goes: checkpoints in the
+--ckpt_path folder, the per-epoch metrics log, TensorBoard events and curves.png. Only
+rank 0 writes."""
 import json
 import math
 import os
 from dataclasses import dataclass
 
-from model import save_checkpoint, unwrap
+from model import CheckpointError, save_checkpoint, strip_wrapper_prefixes, unwrap
+from model.checkpoint import is_released_state_dict, read_checkpoint_file
 
 from .fileio import atomic_write_text
+from .plots import plot_curves
 
 HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}
 LOWER_IS_BETTER = {"val_emd", "val_emd_r1", "val_mae_mean", "val_rmse_mean"}
@@ -47,6 +50,17 @@ def restore(ckpt: dict, model, optimizer, scheduler) -> RunState:
     return RunState(ckpt["epoch"], ckpt["best_val_loss"], ckpt["epochs_without_improvement"], ckpt.get("partial_epoch"))
 
 
+def load_warm_start_weights(path, model, base_model: str) -> None:
+    """The reference's warm start: only the weights of epoch-N.pth (ours or the released
+    format); the optimiser starts anew."""
+    ckpt = read_checkpoint_file(path)
+    state = strip_wrapper_prefixes(ckpt if is_released_state_dict(ckpt) else ckpt["model"])
+    try:
+        unwrap(model).load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--warm_start: {path} does not fit a {base_model} NIMA: {exc}") from exc
+
+
 class MetricsLog:
     """metrics.jsonl: one JSON line per completed epoch. On (re)start it is rewritten to
     hold exactly the epochs the checkpoint has completed, so a crash between the line
@@ -83,3 +97,27 @@ def save_run_checkpoints(ckpt_dir, ckpt: dict, improved: bool) -> None:
         save_checkpoint(os.path.join(ckpt_dir, f"epoch-{ckpt['epoch']}.pth"), ckpt)
         save_checkpoint(os.path.join(ckpt_dir, "best.pth"), ckpt)
     save_checkpoint(os.path.join(ckpt_dir, "last.pth"), ckpt)
+
+
+class RunOutputs:
+    """Everything rank 0 writes for a run: metrics.jsonl, checkpoints, TensorBoard scalars
+    and curves.png."""
+
+    def __init__(self, ckpt_dir, log_dir, snapshot_dir, monitor: str, completed_epochs: int):
+        from tensorboardX import SummaryWriter  # imported here: only rank 0 needs it
+        self.ckpt_dir, self.monitor = ckpt_dir, monitor
+        self.curves_path = os.path.join(snapshot_dir, "curves.png")
+        self.writer = SummaryWriter(log_dir)
+        self.metrics_log = MetricsLog(os.path.join(ckpt_dir, "metrics.jsonl"), completed_epochs)
+
+    def end_epoch(self, record: dict, ckpt: dict, improved: bool) -> None:
+        self.metrics_log.append(record)  # before the checkpoint: see MetricsLog
+        save_run_checkpoints(self.ckpt_dir, ckpt, improved)
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.writer.flush()
+        plot_curves(self.metrics_log.records, self.curves_path, self.monitor)
+
+    def close(self) -> None:
+        self.writer.close()
