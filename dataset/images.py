@@ -31,18 +31,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_rgb(path) -> Image.Image:
-    """Decode `path` fully, apply its EXIF orientation, return an RGB image.
-
-    Raises ImageReadError with a short reason for any file that cannot be used."""
+def _open_and(path, read):
+    """Open `path` and return read(img); every way a file can be unusable becomes an
+    ImageReadError with a short reason (zero-byte, truncated, ...)."""
     try:
         if os.path.getsize(path) == 0:
             raise ImageReadError("zero-byte file")
         with Image.open(path) as img:
-            img.seek(0)  # first frame of GIF/TIFF stacks
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return read(img)
     except ImageReadError:
         raise
     except FileNotFoundError:
@@ -53,8 +49,33 @@ def load_rgb(path) -> Image.Image:
         raise ImageReadError(f"too large: {exc}") from None
     except (OSError, ValueError, SyntaxError) as exc:
         text = str(exc)
-        reason = "truncated image" if "truncated" in text else f"undecodable: {text}"
-        raise ImageReadError(reason) from None
+        raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
+
+
+def _decode_rgb(img) -> Image.Image:
+    img.seek(0)  # first frame of GIF/TIFF stacks
+    img.load()
+    return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def _verified_size(img) -> tuple:
+    size = img.size
+    img.verify()
+    return size
+
+
+def load_rgb(path) -> Image.Image:
+    """Decode `path` fully, apply its EXIF orientation, return an RGB image.
+
+    Raises ImageReadError with a short reason for any file that cannot be used."""
+    return _open_and(path, _decode_rgb)
+
+
+def read_image_size(path) -> tuple:
+    """(width, height) from the file's header, after Pillow's structural check
+    (Image.verify). Much cheaper than a full decode, but a JPEG cut short after its
+    header passes: only load_rgb finds that. Raises ImageReadError like load_rgb."""
+    return _open_and(path, _verified_size)
 
 
 def is_image_file(path) -> bool:

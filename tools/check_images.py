@@ -24,40 +24,17 @@ import time
 # Run as `python tools/check_images.py`: make the project's packages importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataset.images import ImageReadError, find_images, is_image_file, load_rgb  # noqa: E402
+from dataset.images import ImageReadError, find_images, is_image_file, load_rgb, read_image_size  # noqa: E402
 from dataset.labels import ImageIndex  # noqa: E402
 from engine.fileio import atomic_path, atomic_write_text  # noqa: E402
-
-
-def read_header(path) -> tuple:
-    """(width, height) from the file's header, after Pillow's structural check
-    (Image.verify). Much cheaper than a full decode, but a JPEG cut short after its
-    header passes: only load_rgb finds that. Raises ImageReadError like load_rgb."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageReadError("zero-byte file")
-        with Image.open(path) as img:
-            size = img.size
-            img.verify()
-            return size
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError("not an image Pillow can identify") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        text = str(exc)
-        raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
 
 
 def check_image(path, min_size=0, full_decode=True):
     """None for a usable image, else the reason it is not. Top-level so a Pool can pickle it."""
     try:
-        width, height = load_rgb(path).size if full_decode else read_header(path)
+        width, height = load_rgb(path).size if full_decode else read_image_size(path)
     except ImageReadError as exc:
         return str(exc)
     if min(width, height) < min_size:
