@@ -20,7 +20,8 @@ from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSamp
 from engine import distributed
 from engine.fileio import OutputWriteError, check_writable
 from engine.inference import inference_dataset, make_loader, run_on_table
-from engine.metrics import format_table
+from engine.metrics import format_table, mean_and_std
+from engine.plots import write_result_pictures
 from engine.run_state import MONITORS, RunOutputs, RunState, checkpoint_dict, load_warm_start_weights, restore, signed
 from engine.runtime import Runtime, resolve_speed_flags
 from engine.signals import StopOnSignals, StopRequested
@@ -323,14 +324,17 @@ def train(args, rt) -> int:
 
 def test_split(args, rt) -> int:
     """--test: score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under
-    --warm_start) and write predictions and metrics into <ckpt_path>/test."""
+    --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test."""
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
     table = read_label_csv(args.test_csv_file, args.img_path, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device)
     out_dir = os.path.join(args.ckpt_path, "test")
-    metrics, errors, _, _ = run_on_table(model, model_args, table, rt, out_dir, args.test_batch_size, args.num_workers)
+    metrics, errors, indices, dists = run_on_table(model, model_args, table, rt, out_dir, args.test_batch_size, args.num_workers)
     if rt.dist.is_main:
+        gt_mean = mean_and_std(table.dists[indices])[0] if metrics else None
+        write_result_pictures(out_dir, [table.paths[i] for i in indices], [table.ids[i] for i in indices],
+                              mean_and_std(dists)[0], gt_mean)
         print(f"test set ({path}) -> {out_dir}")
         if metrics:
             print(format_table(metrics))

@@ -4,6 +4,7 @@ import csv
 import io
 import os
 import re
+import signal
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +28,6 @@ def make_loader(dataset, batch_size, workers, rt, sampler=None, shuffle=False, d
 def ignore_sigint(_worker_id):
     """Ctrl-C reaches the whole process group: let the main process handle it alone
     (it saves a checkpoint), instead of every loader worker dying at once."""
-    import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

@@ -141,3 +141,14 @@ def test_channels_last_gives_the_same_output():
     ref = model(x)
     cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(ref, cl, atol=1e-6)
+
+
+def test_train_then_test_flag_scores_the_test_split_with_best_pth(demo_data, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    args = tiny_train_args(demo_data, ckpt, "--test", "--test_csv_file", demo_data / "test_labels.csv", "--epochs", "1")
+    assert run_main(args) == 0
+    metrics = json.loads((ckpt / "test" / "metrics.json").read_text())
+    assert metrics["n"] == 9 and {"srcc_mean", "plcc_mean", "accuracy", "emd", "emd_r1"} <= set(metrics)
+    assert (ckpt / "test" / "pred.txt").read_text().count(" | GT: ") == 9
+    assert (ckpt / "test" / "scatter.png").exists()
+    assert "paper VGG16" in capsys.readouterr().out
