@@ -52,7 +52,9 @@ def _open_and(path, read):
         raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
 
 
-def _decode_rgb(img) -> Image.Image:
+def upright_rgb(img) -> Image.Image:
+    """A decoded image as the model sees it: first frame, EXIF orientation applied, any
+    mode converted to RGB. For files use load_rgb, which also maps failures to reasons."""
     img.seek(0)  # first frame of GIF/TIFF stacks
     img.load()
     return _to_rgb(ImageOps.exif_transpose(img))
@@ -68,7 +70,7 @@ def load_rgb(path) -> Image.Image:
     """Decode `path` fully, apply its EXIF orientation, return an RGB image.
 
     Raises ImageReadError with a short reason for any file that cannot be used."""
-    return _open_and(path, _decode_rgb)
+    return _open_and(path, upright_rgb)
 
 
 def read_image_size(path) -> tuple:

@@ -14,9 +14,9 @@ import os
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
-from dataset.images import ImageReadError, _to_rgb, load_rgb
+from dataset.images import ImageReadError, load_rgb, upright_rgb
 from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
@@ -81,8 +81,7 @@ class Scorer:
     @staticmethod
     def _rgb(item) -> Image.Image:
         if isinstance(item, Image.Image):
-            # What load_rgb does after decoding a file: orientation, then any mode to RGB.
-            return _to_rgb(ImageOps.exif_transpose(item))
+            return upright_rgb(item)
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
         try:
