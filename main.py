@@ -125,8 +125,6 @@ def resolve_model_args(args, resume_ckpt=None) -> dict:
             model_args[key] = getattr(args, key)
     model_args["dropout"] = args.dropout
     model_args["head"] = args.head
-    if model_args["image_size"] < 32:
-        raise UsageError(f"--image_size must be at least 32, got {model_args['image_size']}")
     if model_args["resize_size"] < model_args["image_size"]:
         raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
     if not 0 <= args.dropout < 1:

@@ -133,6 +133,8 @@ def test_vgg16_head_works_at_small_sizes_with_unchanged_keys():
         out = model(torch.rand(2, 3, size, size))
         assert out.shape == (2, 10) and torch.allclose(out.sum(1), torch.ones(2))
     assert "classifier.1.weight" in keys and len(keys) == 28
+    with pytest.raises(ValueError, match="--image_size 16: vgg16 needs at least 32 px"):
+        build_model(dict(default_model_args("vgg16"), image_size=16))
 
 
 def test_channels_last_gives_the_same_output():
