@@ -19,6 +19,7 @@ import torch
 from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
 from engine import distributed
 from engine.fileio import OutputWriteError, check_writable
+from engine.flags import str2bool
 from engine.inference import inference_dataset, make_loader, run_on_table
 from engine.metrics import format_table, mean_and_std
 from engine.plots import write_result_pictures
@@ -34,18 +35,6 @@ from model.nima import check_model_args
 
 class UsageError(ValueError):
     pass
-
-
-def str2bool(text):
-    """--multi_gpu / --warm_start: the reference parsed them with type=bool, so any string
-    (even 'False') meant True. Accept a bare flag, or an explicit true/false."""
-    if isinstance(text, bool):
-        return text
-    if text.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def get_args_parser():

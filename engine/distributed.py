@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .flags import FALSE_WORDS, TRUE_WORDS
+
 
 @dataclass
 class DistInfo:
@@ -82,7 +84,7 @@ def torchrun_command(script: str, argv: list, nproc: int, gpu_ids=None) -> str:
         arg = argv[i]
         i += 1
         if arg == "--multi_gpu":
-            if i < len(argv) and argv[i].lower() in _BOOL_WORDS:
+            if i < len(argv) and argv[i].lower() in TRUE_WORDS + FALSE_WORDS:
                 i += 1
         elif arg == "--gpu_ids":
             while i < len(argv) and argv[i].isdigit():
@@ -91,9 +93,6 @@ def torchrun_command(script: str, argv: list, nproc: int, gpu_ids=None) -> str:
             kept.append(arg)
     env = f"CUDA_VISIBLE_DEVICES={','.join(map(str, gpu_ids))} " if gpu_ids else ""
     return f"{env}torchrun --standalone --nproc_per_node={nproc} {shlex.join([script, *kept])}"
-
-
-_BOOL_WORDS = {"1", "true", "yes", "y", "on", "0", "false", "no", "n", "off"}  # main.str2bool's words
 
 
 def broadcast_buffers(info: DistInfo, module: torch.nn.Module) -> None:
