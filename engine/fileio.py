@@ -53,3 +53,13 @@ def check_writable(folder) -> None:
             pass
     except OSError as exc:
         raise OutputWriteError(f"cannot write into {folder}: {exc.strerror or exc}") from exc
+
+
+def write_or_remove(path, wanted: bool, write) -> bool:
+    """Call write(path) when `wanted`; otherwise remove the file an earlier run may have
+    left there, so an output folder never mixes runs. Returns `wanted`."""
+    if wanted:
+        write(path)
+    elif os.path.exists(path):
+        os.remove(path)
+    return bool(wanted)

@@ -12,7 +12,7 @@ import torch
 
 from dataset import ImageDataset, ShardSampler, TTACrops, eval_transform
 
-from .fileio import atomic_write_json, atomic_write_text
+from .fileio import atomic_write_json, atomic_write_text, write_or_remove
 from .metrics import compute_metrics, mean_and_std
 from .training import gather_predictions, predict
 
@@ -86,10 +86,10 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> d
     atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
     atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
     metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
-    _write_or_remove(os.path.join(out_dir, "metrics.json"), metrics, atomic_write_json)
+    write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, metrics))
     err = io.StringIO()
     csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
-    _write_or_remove(os.path.join(out_dir, "errors.csv"), list(errors), lambda p, _: atomic_write_text(p, err.getvalue()))
+    write_or_remove(os.path.join(out_dir, "errors.csv"), len(errors) > 0, lambda p: atomic_write_text(p, err.getvalue()))
     return metrics
 
 
@@ -129,13 +129,6 @@ def read_pred_txt(path) -> PredTxt:
     table = np.asarray(values, dtype=np.float64).reshape(len(values), 3 if has_gt else 2)
     return PredTxt(ids, table[:, 0], table[:, 1], table[:, 2] if has_gt else None)
 
-
-def _write_or_remove(path, content, write):
-    """Write `content`, or remove a stale file from an earlier run when there is none."""
-    if content:
-        write(path, content)
-    elif os.path.exists(path):
-        os.remove(path)
 
 
 def run_on_table(model, model_args, table, rt, out_dir, batch_size, workers, tta=1, ids=None):

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset.images import load_rgb  # noqa: E402  (the same decoding as scoring: EXIF, every mode)
 
-from .fileio import atomic_path  # noqa: E402
+from .fileio import atomic_path, write_or_remove  # noqa: E402
 from .metrics import plcc, srcc  # noqa: E402
 
 DPI = 100
@@ -125,19 +125,14 @@ def write_result_pictures(out_dir, paths, ids, pred_mean, gt_mean=None, contact_
     """scatter.png (with labels) and contact_sheet.png (when contact_sheet > 0) in out_dir;
     a picture this run does not make is removed, so none is left from an older run.
     Returns the paths written."""
+    scatter, sheet = os.path.join(out_dir, "scatter.png"), os.path.join(out_dir, "contact_sheet.png")
+    has_images = len(pred_mean) > 0
     written = []
-    for name, wanted in (("scatter.png", gt_mean is not None and len(pred_mean) > 0),
-                         ("contact_sheet.png", contact_sheet > 0 and len(pred_mean) > 0)):
-        target = os.path.join(out_dir, name)
-        if not wanted:
-            if os.path.exists(target):
-                os.remove(target)
-            continue
-        if name == "scatter.png":
-            plot_scatter(pred_mean, gt_mean, target)
-        else:
-            plot_contact_sheet(paths, ids, pred_mean, target, contact_sheet, gt_mean)
-        written.append(target)
+    if write_or_remove(scatter, gt_mean is not None and has_images, lambda p: plot_scatter(pred_mean, gt_mean, p)):
+        written.append(scatter)
+    if write_or_remove(sheet, contact_sheet > 0 and has_images,
+                       lambda p: plot_contact_sheet(paths, ids, pred_mean, p, contact_sheet, gt_mean)):
+        written.append(sheet)
     return written
 
 
