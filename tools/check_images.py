@@ -16,7 +16,6 @@ import collections
 import csv
 import functools
 import io
-import multiprocessing
 import os
 import sys
 import time
@@ -24,11 +23,11 @@ import time
 # Run as `python tools/check_images.py`: make the project's packages importable.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tqdm import tqdm  # noqa: E402
 
 from dataset.images import ImageReadError, find_images, is_image_file, load_rgb, read_image_size  # noqa: E402
 from dataset.labels import ImageIndex  # noqa: E402
 from engine.fileio import atomic_path, atomic_write_text  # noqa: E402
+from tools.parallel import parallel_map  # noqa: E402
 
 
 def check_image(path, min_size=0, full_decode=True):
@@ -45,13 +44,7 @@ def check_image(path, min_size=0, full_decode=True):
 def check_paths(paths, workers=1, min_size=0, full_decode=True, progress=True, desc="check images") -> dict:
     """{path: reason} for every bad image among `paths`, checked by `workers` processes."""
     check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode)
-    bar = functools.partial(tqdm, total=len(paths), desc=desc, disable=not progress, dynamic_ncols=True, unit="img")
-    if workers <= 1 or len(paths) < 2:
-        return {p: r for p, r in bar(map(check, paths)) if r}
-    # Chunks amortise the inter-process traffic; a few per worker keep the load balanced.
-    chunk = max(1, min(64, len(paths) // (workers * 4)))
-    with multiprocessing.Pool(workers) as pool:
-        return {p: r for p, r in bar(pool.imap_unordered(check, paths, chunksize=chunk)) if r}
+    return {p: r for p, r in parallel_map(check, paths, workers, desc, progress) if r}
 
 
 def _path_and_reason(path, min_size, full_decode):

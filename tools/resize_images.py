@@ -22,7 +22,6 @@ next run). Exit codes: 0 all done; 1 some images unreadable (listed, the rest wr
 import argparse
 import os
 import sys
-from multiprocessing import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/resize_images.py`
@@ -31,10 +30,10 @@ if ROOT not in sys.path:  # run as `python tools/resize_images.py`
 from PIL import Image  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms import functional as F  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
 from engine.fileio import OutputWriteError, atomic_path  # noqa: E402
+from tools.parallel import parallel_map  # noqa: E402
 
 WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
 
@@ -125,14 +124,8 @@ def main(args) -> int:
     if os.path.isdir(args.dst):
         remove_stale_temp_files(args.dst)
     tasks = [(p, os.path.join(args.dst, os.path.relpath(p, args.src)), args.size, args.quality) for p in paths]
-    bar = dict(total=len(tasks), desc=f"resize to {args.size}", disable=args.quiet, dynamic_ncols=True)
-    if args.workers <= 1:
-        results = [resize_one(t) for t in tqdm(tasks, **bar)]
-    else:
-        # Chunks big enough to keep the pipe quiet, small enough to balance the workers.
-        chunk = max(1, min(64, len(tasks) // (args.workers * 8)))
-        with Pool(args.workers) as pool:
-            results = list(tqdm(pool.imap_unordered(resize_one, tasks, chunksize=chunk), **bar))
+    # Chunks big enough to keep the pipe quiet, small enough to balance the workers.
+    results = parallel_map(resize_one, tasks, args.workers, f"resize to {args.size}", not args.quiet, chunks_per_worker=8)
     failed = sorted((path, reason) for path, status, reason in results if status == FAILED)
     written = sum(status == WRITTEN for _, status, _ in results)
     print(f"{args.dst}: {written} written, {len(results) - written - len(failed)} up to date, "
