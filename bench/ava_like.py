@@ -11,7 +11,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from engine.fileio import atomic_path
+from fileio import atomic_path
 from tools.make_demo_data import scene
 
 # Luminance grain sigma 9 plus half as much colour grain gives ~100 KB at quality 90

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench.timing import timed  # noqa: E402
-from engine.fileio import atomic_write_text  # noqa: E402
+from fileio import atomic_write_text  # noqa: E402
 from model import build_model, default_model_args, list_backbones  # noqa: E402
 
 # The paper's AVA results (Talebi & Milanfar 2018, table of AVA results): accuracy, LCC

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from bench import figures  # noqa: E402
 from bench.ava_like import folder_stats, make_ava_like_jpegs  # noqa: E402
 from engine.distributed import pick_device  # noqa: E402
-from engine.fileio import atomic_write_text  # noqa: E402
+from fileio import atomic_write_text  # noqa: E402
 from model import default_model_args  # noqa: E402
 from tools import resize_images  # noqa: E402
 

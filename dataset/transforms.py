@@ -8,8 +8,9 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from model.registry import IMAGENET_MEAN, IMAGENET_STD
-
+# torchvision's ImageNet statistics: what --normalize imagenet subtracts and divides by.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_TTA = 10
 
 

@@ -13,7 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from dataset.images import load_rgb  # noqa: E402  (the same decoding as scoring: EXIF, every mode)
 
-from .fileio import atomic_path, write_or_remove  # noqa: E402
+from fileio import atomic_path, write_or_remove  # noqa: E402
 from .metrics import plcc, srcc  # noqa: E402
 
 DPI = 100

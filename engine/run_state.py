@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from model import CheckpointError, save_checkpoint, strip_wrapper_prefixes, unwrap
 from model.checkpoint import is_released_state_dict, read_checkpoint_file
 
-from .fileio import atomic_write_text
+from fileio import atomic_write_text
 from .plots import plot_curves
 
 HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}

@@ -8,7 +8,7 @@ import pickle
 
 import torch
 
-from engine.fileio import atomic_path
+from fileio import atomic_path
 
 from .nima import build_model, default_model_args
 

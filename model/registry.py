@@ -22,10 +22,6 @@ import torch
 import torch.nn as nn
 import torchvision
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass(frozen=True)
 class Backbone:
     name: str
@@ -33,7 +29,6 @@ class Backbone:
     image_size: int
     resize_size: int
     normalize: str  # 'imagenet' | 'none': what new training feeds it
-    has_imagenet_weights: bool = True
     min_image_size: int = 32
     fixed_image_size: bool = False  # ViT/MaxViT: the position embeddings / window grid fix the input size
     # pretrained -> (features, pool, hidden layers, their output width): the paper's head
@@ -135,8 +130,7 @@ def _build_tiny_cnn(pretrained: str):
 
 
 # A four-layer CNN trained from scratch: for the demo and the tests on CPU, not for AVA.
-register(Backbone("tiny_cnn", _build_tiny_cnn, image_size=64, resize_size=72, normalize="imagenet",
-                  has_imagenet_weights=False))
+register(Backbone("tiny_cnn", _build_tiny_cnn, image_size=64, resize_size=72, normalize="imagenet"))
 
 
 # --- torchvision backbones with the generic head -------------------------------------

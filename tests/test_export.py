@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model import build_model, default_model_args, save_checkpoint
-from model.registry import IMAGENET_MEAN, IMAGENET_STD
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
 from tools import export as export_tool
 
 

@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from dataset.images import is_image_file  # noqa: E402
 from dataset.labels import NUM_BINS, ImageIndex, LabelFileError  # noqa: E402
-from engine.fileio import atomic_write_text  # noqa: E402
+from fileio import atomic_write_text  # noqa: E402
 from tools.check_images import check_paths  # noqa: E402
 
 AVA_COLUMNS = 15

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataset.images import ImageReadError, find_images, is_image_file, load_rgb, read_image_size  # noqa: E402
 from dataset.labels import ImageIndex  # noqa: E402
-from engine.fileio import atomic_path, atomic_write_text  # noqa: E402
+from fileio import atomic_path, atomic_write_text  # noqa: E402
 from tools.parallel import parallel_map  # noqa: E402
 
 

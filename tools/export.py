@@ -27,9 +27,9 @@ if ROOT not in sys.path:  # run as `python tools/export.py`
 
 import torch  # noqa: E402
 
-from engine.fileio import OutputWriteError, atomic_path, atomic_write_json  # noqa: E402
+from fileio import OutputWriteError, atomic_path, atomic_write_json  # noqa: E402
 from model import CheckpointError, load_for_inference  # noqa: E402
-from model.registry import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 # onnxscript: torch.onnx's exporter builds the graph with it.
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")

@@ -32,7 +32,7 @@ from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms import functional as F  # noqa: E402
 
 from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
-from engine.fileio import OutputWriteError, atomic_path  # noqa: E402
+from fileio import OutputWriteError, atomic_path  # noqa: E402
 from tools.parallel import parallel_map  # noqa: E402
 
 WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
@@ -102,7 +102,7 @@ def resize_one(task) -> tuple:
 
 
 def remove_stale_temp_files(dst: str) -> int:
-    """Temporary files (.NAME.XXXX.tmp, see engine.fileio.atomic_path) left by a killed run."""
+    """Temporary files (.NAME.XXXX.tmp, see fileio.atomic_path) left by a killed run."""
     removed = 0
     for folder, _, files in os.walk(dst):
         for name in files:

@@ -1,5 +1,6 @@
-"""Atomic file output: write beside the target, then rename, so no reader (and no
-crash) ever sees a half-written file, and the previous version survives a failure."""
+"""Atomic file output, usable from every layer (model, dataset, engine, the CLIs and
+tools): write beside the target, then rename, so no reader (and no crash) ever sees a
+half-written file, and the previous version survives a failure."""
 import json
 import os
 import tempfile
