@@ -18,15 +18,15 @@ import torch
 
 from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
 from engine import distributed
-from engine.fileio import OutputWriteError, check_writable
+from fileio import OutputWriteError, check_writable
 from engine.flags import str2bool
-from engine.inference import inference_dataset, make_loader, run_on_table
-from engine.metrics import format_table, mean_and_std
-from engine.plots import write_result_pictures
+from engine.inference import evaluate, inference_dataset
+from engine.loaders import make_loader
+from engine.predictions import score_and_report
 from engine.run_state import MONITORS, RunOutputs, RunState, checkpoint_dict, load_warm_start_weights, restore, signed
 from engine.runtime import Runtime, resolve_speed_flags
 from engine.signals import StopOnSignals, StopRequested
-from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, evaluate, train_one_epoch
+from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from model import (CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones,
                    load_for_inference, save_checkpoint)
 from model.checkpoint import read_checkpoint_file
@@ -47,6 +47,9 @@ def get_args_parser():
     g = p.add_argument_group("what to run")
     g.add_argument("--train", action="store_true", help="train")
     g.add_argument("--test", action="store_true", help="evaluate the best checkpoint on --test_csv_file")
+    g.add_argument("--tta", type=int, default=1, help="with --test: average over N fixed crops, as test.py's --tta")
+    g.add_argument("--contact_sheet", type=int, default=0, metavar="K",
+                   help="with --test: also write contact_sheet.png of the K highest and K lowest scored images (0: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--conv_base_lr", type=float, default=3e-4, help="learning rate of the conv base")
     g.add_argument("--dense_lr", type=float, default=3e-3, help="learning rate of the head")
@@ -316,15 +319,9 @@ def test_split(args, rt) -> int:
     path = os.path.join(args.ckpt_path, name)
     table = read_label_csv(args.test_csv_file, args.img_path, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device)
-    out_dir = os.path.join(args.ckpt_path, "test")
-    metrics, errors, indices, dists = run_on_table(model, model_args, table, rt, out_dir, args.test_batch_size, args.num_workers)
-    if rt.dist.is_main:
-        gt_mean = mean_and_std(table.dists[indices])[0] if metrics else None
-        write_result_pictures(out_dir, [table.paths[i] for i in indices], [table.ids[i] for i in indices],
-                              mean_and_std(dists)[0], gt_mean)
-        print(f"test set ({path}) -> {out_dir}")
-        if metrics:
-            print(format_table(metrics))
+    _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
+                                 batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
+                                 contact_sheet=args.contact_sheet, title=f"test set ({path})")
     return 1 if errors else 0
 
 

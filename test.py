@@ -18,10 +18,8 @@ from dataset import LabelFileError, find_images, read_label_csv
 from dataset.labels import LabelTable
 from dataset.transforms import MAX_TTA
 from engine.distributed import pick_device
-from engine.fileio import OutputWriteError
-from engine.inference import run_on_table
-from engine.metrics import format_table, mean_and_std
-from engine.plots import write_result_pictures
+from fileio import OutputWriteError
+from engine.predictions import score_and_report
 from engine.runtime import Runtime, resolve_speed_flags
 from model import CheckpointError, load_for_inference
 
@@ -77,24 +75,12 @@ def main(args) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
-        metrics, errors, indices, dists = run_on_table(model, model_args, table, rt, args.predictions,
-                                                       args.batch_size, args.workers, args.tta, ids=ids)
-        gt_mean = mean_and_std(table.dists[indices])[0] if metrics else None
-        pictures = write_result_pictures(args.predictions, [table.paths[i] for i in indices], [ids[i] for i in indices],
-                                         mean_and_std(dists)[0], gt_mean, args.contact_sheet)
+        _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=args.batch_size,
+                                     workers=args.workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet)
     except OutputWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"scored {len(indices)} of {len(ids)} images -> {os.path.join(args.predictions, 'predictions.csv')}, pred.txt"
-          + "".join(f", {os.path.basename(p)}" for p in pictures))
-    if metrics:
-        print(format_table(metrics))
-    if errors:
-        print(f"{len(errors)} image(s) could not be read; see {os.path.join(args.predictions, 'errors.csv')}", file=sys.stderr)
-        for path, reason in errors[:10]:
-            print(f"  {path}: {reason}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

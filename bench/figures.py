@@ -7,10 +7,11 @@ import time
 import torch
 
 from dataset import ImageDataset, eval_transform, load_rgb, train_transform
-from engine.inference import make_loader, score_images
+from engine.inference import predict, score_images
+from engine.loaders import make_loader
 from engine.metrics import mean_and_std
 from engine.runtime import Runtime, resolve_speed_flags
-from engine.training import EpochProgress, predict, train_one_epoch
+from engine.training import EpochProgress, train_one_epoch
 from model import build_model
 
 from .reference_loop import reference_predict_files, reference_predict_tensors, reference_train_steps

@@ -21,10 +21,9 @@ from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
 from .distributed import pick_device
-from .inference import images_per_batch, inference_transform
+from .inference import images_per_batch, inference_transform, predict
 from .metrics import mean_and_std
 from .runtime import Runtime, resolve_speed_flags
-from .training import predict
 
 
 @dataclass

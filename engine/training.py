@@ -1,16 +1,14 @@
-"""One training epoch and one evaluation pass; the epoch loop lives in main.py."""
+"""One training epoch; evaluation lives in inference.py, the epoch loop in main.py."""
 import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from model.loss import emd_per_sample
 
-from .distributed import all_reduce_sum, gather_objects
-from .metrics import compute_metrics
+from .distributed import all_reduce_sum
 
 LOG_EVERY_STEPS = 10
 
@@ -115,48 +113,3 @@ def epoch_train_loss(rt, progress: EpochProgress) -> float:
     """Mean per-sample training EMD over all ranks' readable samples."""
     loss_sum, count = all_reduce_sum(rt.dist, [progress.loss_sum, progress.loss_count])
     return loss_sum / max(count, 1)
-
-
-@torch.no_grad()
-def predict(model, loader, rt, desc="predict"):
-    """Run the model over a loader; returns (indices, dists (N, 10) float64, errors) for
-    this rank's items. Under TTA the images are (B, N, C, H, W) and the N predicted
-    distributions of each image are averaged."""
-    model.eval()
-    indices, dists, errors = [], [], []
-    for batch in tqdm(loader, desc=desc, disable=not rt.progress, dynamic_ncols=True, leave=False):
-        images = batch["image"]
-        crops = images.shape[1] if images.dim() == 5 else 1
-        if crops > 1:
-            images = images.flatten(0, 1)
-        with rt.autocast():
-            out = model(rt.images_to_device(images))
-        out = out.float().view(len(batch["index"]), crops, -1).mean(dim=1).cpu()
-        for i, ok, err, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], out):
-            if ok:
-                indices.append(i)
-                dists.append(row.double().numpy())
-            else:
-                errors.append((i, err))
-    return indices, (np.stack(dists) if dists else np.zeros((0, 10))), errors
-
-
-def gather_predictions(rt, indices, dists, errors):
-    """All ranks' predictions, each item once, ordered by dataset index."""
-    parts = gather_objects(rt.dist, (indices, dists, errors))
-    indices = [i for p in parts for i in p[0]]
-    dists = np.concatenate([p[1] for p in parts]) if indices else np.zeros((0, 10))
-    errors = sorted(e for p in parts for e in p[2])
-    order = np.argsort(indices, kind="stable")
-    return [indices[k] for k in order], dists[order], errors
-
-
-def evaluate(model, loader, rt, targets, desc="val"):
-    """Metrics over the exact evaluation set (every readable image once, across ranks).
-
-    targets: (N, 10) true distributions indexed like the dataset."""
-    indices, dists, errors = gather_predictions(rt, *predict(model, loader, rt, desc=desc))
-    if not indices:
-        raise BadImageError(f"{desc}: no readable image to evaluate ({len(errors)} unreadable)")
-    metrics = compute_metrics(dists, np.asarray(targets)[indices])
-    return metrics, errors

@@ -25,9 +25,9 @@ import main as main_cli
 from conftest import ROOT, run_main, run_test, tiny_train_args
 from dataset import read_label_csv
 from engine import distributed
-from engine.inference import inference_dataset, make_loader
+from engine.inference import evaluate, inference_dataset
+from engine.loaders import make_loader
 from engine.runtime import Runtime
-from engine.training import evaluate
 from model import load_for_inference
 from tools import make_demo_data
 
@@ -245,7 +245,8 @@ sys.path.insert(0, sys.argv[1])
 from dataset import ShardSampler
 from engine import distributed
 from engine.runtime import Runtime
-from engine.training import EpochProgress, epoch_train_loss, gather_predictions
+from engine.inference import gather_predictions
+from engine.training import EpochProgress, epoch_train_loss
 
 info, device = distributed.setup("cpu", timeout_s=3)
 rt = Runtime(device, dist=info, show_progress=False)

@@ -1,0 +1,75 @@
+"""The prediction files of a scoring run: predictions.csv, pred.txt, metrics.json and
+errors.csv (README, "Output files"), written atomically."""
+import csv
+import io
+import os
+import sys
+
+import numpy as np
+
+from fileio import atomic_write_json, atomic_write_text, write_or_remove
+
+from .inference import score_images
+from .metrics import compute_metrics, format_table, mean_and_std
+from .plots import write_result_pictures
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6f}"
+
+
+def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> dict:
+    """Write predictions.csv, pred.txt, metrics.json (with labels) and errors.csv (when some
+    inputs failed) into `out_dir`, replacing a previous run's files. Returns the metrics
+    ({} without labels)."""
+    os.makedirs(out_dir, exist_ok=True)
+    pred_mean, pred_std = mean_and_std(pred_dists)
+    has_gt = true_dists is not None and len(ids) > 0
+    if has_gt:
+        gt_mean, gt_std = mean_and_std(true_dists)
+    table, lines = io.StringIO(), []
+    writer = csv.writer(table, lineterminator="\n")
+    writer.writerow(["image_id", "mean", "std"] + [f"p{k}" for k in range(1, 11)] + (["gt_mean", "gt_std"] if has_gt else []))
+    for n, image_id in enumerate(ids):
+        row = [image_id, _fmt(pred_mean[n]), _fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
+        line = f"{image_id} mean: {pred_mean[n]:.3f} | std: {pred_std[n]:.3f}"
+        if has_gt:
+            row += [_fmt(gt_mean[n]), _fmt(gt_std[n])]
+            line += f" | GT: {gt_mean[n]:.3f}"
+        writer.writerow(row)
+        lines.append(line)
+    atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
+    atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
+    metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
+    write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, metrics))
+    err = io.StringIO()
+    csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
+    write_or_remove(os.path.join(out_dir, "errors.csv"), len(errors) > 0, lambda p: atomic_write_text(p, err.getvalue()))
+    return metrics
+
+
+def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, workers, tta=1, ids=None,
+                     contact_sheet=0, title=None) -> tuple:
+    """The one scoring path of test.py and main.py --test: score every image of a label
+    table (or id list), write the prediction files and pictures into out_dir, print what
+    was written and the paper's table. Returns (metrics, errors): metrics {} without
+    labels, errors [(path, reason)] of unreadable images. Only rank 0 writes and prints."""
+    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta)
+    ids = ids if ids is not None else table.ids
+    errors = [(table.paths[i], reason) for i, reason in failures]
+    if not rt.dist.is_main:
+        return {}, errors
+    true = None if table.dists is None else np.asarray(table.dists)[indices]
+    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors)
+    gt_mean = mean_and_std(true)[0] if metrics else None
+    pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
+                                     mean_and_std(dists)[0], gt_mean, contact_sheet)
+    print((f"{title}: " if title else "") + f"scored {len(indices)} of {len(ids)} images -> "
+          f"{os.path.join(out_dir, 'predictions.csv')}, pred.txt" + "".join(f", {os.path.basename(p)}" for p in pictures))
+    if metrics:
+        print(format_table(metrics))
+    if errors:
+        print(f"{len(errors)} image(s) could not be read; see {os.path.join(out_dir, 'errors.csv')}", file=sys.stderr)
+        for path, reason in errors[:10]:
+            print(f"  {path}: {reason}", file=sys.stderr)
+    return metrics, errors
