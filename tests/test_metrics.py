@@ -13,13 +13,13 @@ import torch
 from scipy import stats
 
 from conftest import ROOT, run_main, run_test, tiny_train_args
-from engine.inference import read_pred_txt, write_predictions
+from engine.predictions import write_predictions
+from tools.pred_txt import read_pred_txt
 from engine.metrics import PAPER_VGG16, compute_metrics, format_table, mean_and_std, plcc, score_metrics, srcc
 from test_scoring import tiny_checkpoint
 
 ALL_KEYS = {"n", "emd", "emd_r1", "srcc_mean", "plcc_mean", "srcc_std", "plcc_std", "accuracy", "mae_mean", "rmse_mean"}
-REFERENCE_PREDS = os.environ.get("NIMA_REFERENCE_PREDS",
-                                 os.path.join(ROOT, "..", "shared", "reference", "preds.txt"))
+REFERENCE_PREDS = os.path.join(ROOT, "tests", "data", "reference_pred.txt")
 
 
 def delta(score, weight=1.0, other=None):
@@ -128,8 +128,6 @@ def test_constant_inputs_give_nan_with_a_warning():
 
 
 def test_reference_published_predictions():
-    if not os.path.exists(REFERENCE_PREDS):
-        pytest.skip(f"{REFERENCE_PREDS} not here (set NIMA_REFERENCE_PREDS to the reference's preds.txt)")
     preds = read_pred_txt(REFERENCE_PREDS)
     assert len(preds.ids) == len(set(preds.ids)) == 12818
     assert preds.ids[0] == "953844" and preds.mean[0] == 5.962 and preds.std[0] == 1.420 and preds.gt_mean[0] == 5.914
