@@ -4,12 +4,16 @@ DEMO := data/demo
 DEMO_CKPT := runs/demo
 DEMO_PRED := predictions/demo
 
-.PHONY: install demo test clean-demo
+.PHONY: install install-test demo test clean-demo
 
 # Installs the pinned requirements only when one of them is missing or at another
-# version (pip would take ~10 s to say so; the check takes ~1 s).
+# version; the check says what it installs, and pip shows its progress.
 install:
-	@$(PYTHON) tools/check_requirements.py requirements.txt || $(PYTHON) -m pip install -q -r requirements.txt
+	@$(PYTHON) tools/check_requirements.py requirements.txt || $(PYTHON) -m pip install --progress-bar on -r requirements.txt
+
+TEST_REQUIREMENTS := requirements-test.txt requirements-export.txt requirements-serve.txt
+install-test: install
+	@$(PYTHON) tools/check_requirements.py $(TEST_REQUIREMENTS) || $(PYTHON) -m pip install --progress-bar on $(addprefix -r ,$(TEST_REQUIREMENTS))
 
 demo: install
 	$(PYTHON) tools/make_demo_data.py --out $(DEMO) --num_images 600
@@ -21,8 +25,7 @@ demo: install
 		--predictions $(DEMO_PRED) --workers 2 --contact_sheet 4 --quiet
 	@echo "demo: checkpoints in $(DEMO_CKPT), predictions and metrics.json in $(DEMO_PRED), pictures in snapshots/demo"
 
-test: install
-	@$(PYTHON) tools/check_requirements.py requirements-export.txt || $(PYTHON) -m pip install -q -r requirements-export.txt
+test: install-test
 	$(PYTHON) -m pytest -q tests
 
 clean-demo:
