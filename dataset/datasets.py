@@ -3,24 +3,29 @@
 An image that cannot be read does not raise inside a DataLoader worker (which would
 end the whole run): the sample comes back with `ok = False` and the reason, a blank
 image in its place, and the caller decides (skip and count, or stop under
---strict_images). Nothing is dropped without being reported.
+--strict_images). Nothing is dropped without being reported. Any exception while
+decoding or transforming one image counts as unreadable, not only ImageReadError.
+Decoder warnings are caught per image and travel with the sample (`warning`).
 """
 import torch
 from torch.utils.data import Dataset
 
-from .images import ImageReadError, load_rgb
+from .images import ImageReadError, check_max_pixels, read_rgb
 from .labels import NUM_BINS
 
 
 class ImageDataset(Dataset):
     """Items are dicts: index, image (C, H, W) or (N, C, H, W) under TTA, target (10,),
-    ok (bool), error (str, '' when ok)."""
+    ok (bool), error (str, '' when ok), warning (decoder warnings, '' when none).
 
-    def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224)):
+    max_pixels: --max_image_pixels (None: Pillow's default limit)."""
+
+    def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None):
         self.paths = list(paths)
         self.dists = None if dists is None else torch.as_tensor(dists, dtype=torch.float32)
         self.transform = transform
         self.image_shape = tuple(image_shape)  # of a blank stand-in for an unreadable image
+        self.max_pixels = check_max_pixels(max_pixels)
 
     def __len__(self):
         return len(self.paths)
@@ -32,13 +37,18 @@ class ImageDataset(Dataset):
         if seed is not None:
             torch.manual_seed(seed)
         target = self.dists[index] if self.dists is not None else torch.full((NUM_BINS,), float("nan"))
+        warning = ""
         try:
-            image = self.transform(load_rgb(self.paths[index]))
+            rgb, warning = read_rgb(self.paths[index], self.max_pixels)
+            image = self.transform(rgb)
             ok, error = True, ""
         except ImageReadError as exc:
             image, ok, error = torch.zeros(self.image_shape), False, str(exc)
-        return {"index": index, "image": image, "target": target, "ok": ok, "error": error}
+        except Exception as exc:  # noqa: BLE001 - the transforms on an odd image: one unreadable sample, not a dead worker
+            image, ok, error = torch.zeros(self.image_shape), False, f"cannot transform: {type(exc).__name__}: {exc}"[:200]
+        return {"index": index, "image": image, "target": target, "ok": ok, "error": error,
+                "warning": warning if ok else ""}
 
     @classmethod
-    def from_table(cls, table, transform, image_shape):
-        return cls(table.paths, transform, table.dists, image_shape)
+    def from_table(cls, table, transform, image_shape, max_pixels=None):
+        return cls(table.paths, transform, table.dists, image_shape, max_pixels)

@@ -1,14 +1,18 @@
 """Reading images from disk as RGB, whatever their format and mode, and finding them."""
 import glob
 import os
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-# Pillow refuses images above ~179 Mpx as a "decompression bomb"; AVA has none that large.
+# Pillow's own limit as shipped (it warns above it and refuses twice it): the default
+# of --max_image_pixels. Read at import, before anything could have changed the global.
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 IMAGE_EXTENSIONS = tuple(sorted({ext.lower() for ext in Image.registered_extensions()}))
 # Tried in this order when a label CSV gives an id without an extension.
 PREFERRED_EXTENSIONS = (".jpg", ".jpeg", ".JPG", ".JPEG", ".png", ".PNG", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+MAX_REASON_CHARS = 200
 
 
 class ImageReadError(Exception):
@@ -18,9 +22,9 @@ class ImageReadError(Exception):
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale to 8 bits instead of clipping everything above 255 to white.
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max()), 1.0)
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8), mode="L")
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max(initial=0.0)), 1.0)
+        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -31,33 +35,90 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _open_and(path, read):
-    """Open `path` and return read(img); every way a file can be unusable becomes an
-    ImageReadError with a short reason (zero-byte, truncated, ...)."""
+def check_max_pixels(max_pixels):
+    """The pixel limit to apply: Pillow's default for None; raises ValueError otherwise."""
+    if max_pixels is None:
+        return DEFAULT_MAX_PIXELS
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"--max_image_pixels must be a whole number >= 1 (width x height), got {max_pixels!r}")
+    return max_pixels
+
+
+def _short(exc: BaseException) -> str:
+    """'Type: message' on one line, cut to MAX_REASON_CHARS."""
+    text = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+
+
+def _remaining_bytes(source):
+    """Bytes left to read in `source` (a path or a binary file object); None if unknown."""
+    if isinstance(source, (str, bytes, os.PathLike)):
+        return os.path.getsize(source)
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageReadError("zero-byte file")
-        with Image.open(path) as img:
-            return read(img)
-    except ImageReadError:
-        raise
-    except FileNotFoundError:
-        raise ImageReadError("file not found") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError("not an image Pillow can identify") from None
-    except Image.DecompressionBombError as exc:
-        raise ImageReadError(f"too large: {exc}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        text = str(exc)
-        raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
+        here = source.tell()
+        end = source.seek(0, os.SEEK_END)
+        source.seek(here)
+        return end - here
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _open_and(source, read, max_pixels=None):
+    """Open `source` (a path or a binary file object) and return (read(img), warning):
+    every way a file can be unusable becomes an ImageReadError with a short reason
+    (zero-byte, truncated, Type: message, ...), whatever the decoder raised. Python
+    warnings raised meanwhile are caught, not printed: `warning` is their text ('' when
+    none); the image is still used."""
+    limit = check_max_pixels(max_pixels)
+    # Pillow refuses images above twice its global limit while opening, before the check
+    # below can see them: lift its limit to ours (never lowered, so that concurrent loads
+    # with different limits cannot refuse each other's images); ours is applied here.
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            if _remaining_bytes(source) == 0:
+                raise ImageReadError("zero-byte file")
+            with Image.open(source) as img:
+                width, height = img.size
+                if width < 1 or height < 1:
+                    raise ImageReadError(f"empty image: {width}x{height} pixels")
+                if width * height > limit:
+                    raise ImageReadError(f"too large: {width}x{height} = {width * height} pixels, above "
+                                         f"--max_image_pixels {limit}")
+                result = read(img)
+        except ImageReadError:
+            raise
+        except FileNotFoundError:
+            raise ImageReadError("file not found") from None
+        except Image.UnidentifiedImageError:
+            raise ImageReadError("not an image Pillow can identify") from None
+        except Image.DecompressionBombError as exc:
+            raise ImageReadError(f"too large: {exc} (raise --max_image_pixels to accept it)") from None
+        except (OSError, ValueError, SyntaxError) as exc:
+            text = " ".join(str(exc).split())[:MAX_REASON_CHARS] or type(exc).__name__
+            raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
+        except Exception as exc:  # noqa: BLE001 - any decoder failure is one unreadable image, never a lost run
+            raise ImageReadError(f"undecodable: {_short(exc)}") from None
+    texts = dict.fromkeys(f"{w.category.__name__}: {' '.join(str(w.message).split())}" for w in caught)
+    warning = "; ".join(texts)
+    return result, (warning if len(warning) <= MAX_REASON_CHARS else warning[:MAX_REASON_CHARS - 3] + "...")
 
 
 def upright_rgb(img) -> Image.Image:
-    """A decoded image as the model sees it: first frame, EXIF orientation applied, any
-    mode converted to RGB. For files use load_rgb, which also maps failures to reasons."""
-    img.seek(0)  # first frame of GIF/TIFF stacks
+    """A decoded image as the model sees it: EXIF orientation applied, any mode converted
+    to RGB. The frame is the one the image is at: a freshly opened file is at its first
+    frame (a PSD's is 1, not 0), and an ICO/ICNS opens at its largest size. For files use
+    load_rgb, which also maps failures to reasons."""
     img.load()
-    return _to_rgb(ImageOps.exif_transpose(img))
+    try:
+        upright = ImageOps.exif_transpose(img)
+    except Exception as exc:  # noqa: BLE001 - damaged EXIF: the pixels are fine, keep them unrotated
+        warnings.warn(f"EXIF orientation unreadable, image used as stored ({_short(exc)})")
+        upright = img
+    return _to_rgb(upright)
 
 
 def _verified_size(img) -> tuple:
@@ -66,18 +127,27 @@ def _verified_size(img) -> tuple:
     return size
 
 
-def load_rgb(path) -> Image.Image:
-    """Decode `path` fully, apply its EXIF orientation, return an RGB image.
+def read_rgb(source, max_pixels=None) -> tuple:
+    """(RGB image, warning text) of `source`: load_rgb, plus the text of the decoder
+    warnings it raised ('' when none)."""
+    return _open_and(source, upright_rgb, max_pixels)
 
-    Raises ImageReadError with a short reason for any file that cannot be used."""
-    return _open_and(path, upright_rgb)
+
+def load_rgb(source, max_pixels=None) -> Image.Image:
+    """Decode `source` (a path, or a binary file object such as an upload's BytesIO)
+    fully, apply its EXIF orientation, return an RGB image.
+
+    max_pixels: width x height above which an image is refused (--max_image_pixels);
+    None is Pillow's default limit. Decoder warnings are swallowed (read_rgb returns
+    them). Raises ImageReadError with a short reason for anything that cannot be used."""
+    return _open_and(source, upright_rgb, max_pixels)[0]
 
 
-def read_image_size(path) -> tuple:
+def read_image_size(path, max_pixels=None) -> tuple:
     """(width, height) from the file's header, after Pillow's structural check
     (Image.verify). Much cheaper than a full decode, but a JPEG cut short after its
     header passes: only load_rgb finds that. Raises ImageReadError like load_rgb."""
-    return _open_and(path, _verified_size)
+    return _open_and(path, _verified_size, max_pixels)[0]
 
 
 def is_image_file(path) -> bool:

@@ -17,11 +17,11 @@ def inference_transform(model_args, tta=1):
     return eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
 
 
-def inference_dataset(paths, model_args, dists=None, tta=1):
+def inference_dataset(paths, model_args, dists=None, tta=1, max_pixels=None):
     transform = inference_transform(model_args, tta)
     size = model_args["image_size"]
     shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
-    return ImageDataset(paths, transform, dists, image_shape=shape)
+    return ImageDataset(paths, transform, dists, image_shape=shape, max_pixels=max_pixels)
 
 
 def images_per_batch(batch_size, tta=1):
@@ -31,20 +31,27 @@ def images_per_batch(batch_size, tta=1):
     return max(1, batch_size // tta)
 
 
-def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1):
+def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1, max_pixels=None, warned=None):
     """Predicted distributions for `paths`: (indices of readable images, (N, 10) dists,
-    [(index, reason)] for the rest). Every item once, across ranks."""
-    dataset = inference_dataset(paths, model_args, tta=tta)
+    [(index, reason)] for the rest). Every item once, across ranks. A list passed as
+    `warned` receives (index, warning text) of the scored images whose decoder warned,
+    all ranks' (sorted by index)."""
+    dataset = inference_dataset(paths, model_args, tta=tta, max_pixels=max_pixels)
     sampler = ShardSampler(len(dataset), rt.dist.world_size, rt.dist.rank)
     loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt, sampler=sampler)
-    return gather_predictions(rt, *predict(model, loader, rt, desc="score"))
+    mine = []
+    result = gather_predictions(rt, *predict(model, loader, rt, desc="score", warned=mine))
+    if warned is not None:
+        warned.extend(sorted(w for part in gather_objects(rt.dist, mine) for w in part))
+    return result
 
 
 @torch.no_grad()
-def predict(model, loader, rt, desc="predict"):
+def predict(model, loader, rt, desc="predict", warned=None):
     """Run the model over a loader; returns (indices, dists (N, 10) float64, errors) for
     this rank's items. Under TTA the images are (B, N, C, H, W) and the N predicted
-    distributions of each image are averaged."""
+    distributions of each image are averaged. A list passed as `warned` receives
+    (index, warning text) of this rank's scored images whose decoder warned."""
     model.eval()
     indices, dists, errors = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not rt.progress, dynamic_ncols=True, leave=False):
@@ -55,10 +62,13 @@ def predict(model, loader, rt, desc="predict"):
         with rt.autocast():
             out = model(rt.images_to_device(images))
         out = out.float().view(len(batch["index"]), crops, -1).mean(dim=1).cpu()
-        for i, ok, err, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], out):
+        warning = batch.get("warning") or [""] * len(batch["index"])
+        for i, ok, err, warn, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], warning, out):
             if ok:
                 indices.append(i)
                 dists.append(row.double().numpy())
+                if warn and warned is not None:
+                    warned.append((i, warn))
             else:
                 errors.append((i, err))
     return indices, (np.stack(dists) if dists else np.zeros((0, 10))), errors

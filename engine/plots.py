@@ -11,7 +11,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from dataset.images import load_rgb  # noqa: E402  (the same decoding as scoring: EXIF, every mode)
+from dataset.images import ImageReadError, load_rgb  # noqa: E402  (the same decoding as scoring: EXIF, every mode)
 
 from fileio import atomic_path, write_or_remove  # noqa: E402
 from .metrics import plcc, srcc  # noqa: E402
@@ -69,10 +69,12 @@ def contact_sheet_pixels(k: int, n: int) -> tuple:
     return round(cols * TILE_INCHES[0] * DPI), round(2 * rows * TILE_INCHES[1] * DPI)
 
 
-def plot_contact_sheet(paths, ids, pred_mean, path, k: int, gt_mean=None) -> None:
+def plot_contact_sheet(paths, ids, pred_mean, path, k: int, gt_mean=None, max_pixels=None) -> None:
     """A grid of the k highest scored images (upper rows) and the k lowest (lower rows),
     each with "predicted mean (ground truth)" under it, or the mean alone without labels.
-    Ties are ranked by id, so the sheet is deterministic. Size: contact_sheet_pixels."""
+    Ties are ranked by id, so the sheet is deterministic. Size: contact_sheet_pixels.
+    An image that cannot be read again (changed since it was scored) gets a tile that
+    says so. max_pixels: --max_image_pixels."""
     pred_mean = np.asarray(pred_mean, dtype=np.float64)
     if k < 1 or len(pred_mean) == 0:
         raise ValueError(f"a contact sheet needs k >= 1 and at least one scored image, got k={k}, {len(pred_mean)} images")
@@ -90,9 +92,13 @@ def plot_contact_sheet(paths, ids, pred_mean, path, k: int, gt_mean=None) -> Non
             if slot >= len(members):
                 continue
             i = members[slot]
-            img = load_rgb(paths[i])
-            img.thumbnail((4 * DPI, 4 * DPI))  # plenty for a 2-inch tile; keeps the PNG small
-            ax.imshow(np.asarray(img))
+            try:
+                img = load_rgb(paths[i], max_pixels)
+                img.thumbnail((4 * DPI, 4 * DPI))  # plenty for a 2-inch tile; keeps the PNG small
+                ax.imshow(np.asarray(img))
+            except ImageReadError as exc:
+                ax.text(0.5, 0.5, f"unreadable:\n{_short(str(exc))}", transform=ax.transAxes, ha="center",
+                        va="center", fontsize=7, wrap=True)
             label = f"{pred_mean[i]:.2f}" + (f" ({gt_mean[i]:.2f})" if gt_mean is not None else "")
             ax.text(0.5, -0.03, label, transform=ax.transAxes, ha="center", va="top", fontsize=11)
             ax.set_title(f"{name} #{slot + 1}: {_short(ids[i])}", fontsize=7)
@@ -121,7 +127,7 @@ def plot_scatter(pred_mean, gt_mean, path) -> None:
     save_figure(fig, path)
 
 
-def write_result_pictures(out_dir, paths, ids, pred_mean, gt_mean=None, contact_sheet: int = 0) -> list:
+def write_result_pictures(out_dir, paths, ids, pred_mean, gt_mean=None, contact_sheet: int = 0, max_pixels=None) -> list:
     """scatter.png (with labels) and contact_sheet.png (when contact_sheet > 0) in out_dir;
     a picture this run does not make is removed, so none is left from an older run.
     Returns the paths written."""
@@ -131,7 +137,7 @@ def write_result_pictures(out_dir, paths, ids, pred_mean, gt_mean=None, contact_
     if write_or_remove(scatter, gt_mean is not None and has_images, lambda p: plot_scatter(pred_mean, gt_mean, p)):
         written.append(scatter)
     if write_or_remove(sheet, contact_sheet > 0 and has_images,
-                       lambda p: plot_contact_sheet(paths, ids, pred_mean, p, contact_sheet, gt_mean)):
+                       lambda p: plot_contact_sheet(paths, ids, pred_mean, p, contact_sheet, gt_mean, max_pixels)):
         written.append(sheet)
     return written
 

@@ -1,5 +1,5 @@
-"""The prediction files of a scoring run: predictions.csv, pred.txt, metrics.json and
-errors.csv (README, "Output files"), written atomically."""
+"""The prediction files of a scoring run: predictions.csv, pred.txt, metrics.json,
+errors.csv and warnings.csv (README, "Output files"), written atomically."""
 import csv
 import io
 import os
@@ -18,10 +18,10 @@ def _fmt(x: float) -> str:
     return f"{x:.6f}"
 
 
-def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> dict:
-    """Write predictions.csv, pred.txt, metrics.json (with labels) and errors.csv (when some
-    inputs failed) into `out_dir`, replacing a previous run's files. Returns the metrics
-    ({} without labels)."""
+def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=()) -> dict:
+    """Write predictions.csv, pred.txt, metrics.json (with labels), errors.csv (when some
+    inputs failed) and warnings.csv (path, warning: scored images whose decoder warned)
+    into `out_dir`, replacing a previous run's files. Returns the metrics ({} without labels)."""
     os.makedirs(out_dir, exist_ok=True)
     pred_mean, pred_std = mean_and_std(pred_dists)
     has_gt = true_dists is not None and len(ids) > 0
@@ -45,29 +45,39 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=()) -> d
     err = io.StringIO()
     csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
     write_or_remove(os.path.join(out_dir, "errors.csv"), len(errors) > 0, lambda p: atomic_write_text(p, err.getvalue()))
+    warn = io.StringIO()
+    csv.writer(warn, lineterminator="\n").writerows([("path", "warning"), *warned])
+    write_or_remove(os.path.join(out_dir, "warnings.csv"), len(warned) > 0, lambda p: atomic_write_text(p, warn.getvalue()))
     return metrics
 
 
 def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, workers, tta=1, ids=None,
-                     contact_sheet=0, title=None) -> tuple:
+                     contact_sheet=0, title=None, max_pixels=None) -> tuple:
     """The one scoring path of test.py and main.py --test: score every image of a label
     table (or id list), write the prediction files and pictures into out_dir, print what
     was written and the paper's table. Returns (metrics, errors): metrics {} without
-    labels, errors [(path, reason)] of unreadable images. Only rank 0 writes and prints."""
-    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta)
+    labels, errors [(path, reason)] of unreadable images. Only rank 0 writes and prints.
+    max_pixels: --max_image_pixels (None: Pillow's default limit)."""
+    warned_at = []
+    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta,
+                                            max_pixels=max_pixels, warned=warned_at)
     ids = ids if ids is not None else table.ids
     errors = [(table.paths[i], reason) for i, reason in failures]
     if not rt.dist.is_main:
         return {}, errors
+    warned = [(table.paths[i], text) for i, text in warned_at]
     true = None if table.dists is None else np.asarray(table.dists)[indices]
-    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors)
+    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned)
     gt_mean = mean_and_std(true)[0] if metrics else None
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
-                                     mean_and_std(dists)[0], gt_mean, contact_sheet)
+                                     mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)
     print((f"{title}: " if title else "") + f"scored {len(indices)} of {len(ids)} images -> "
           f"{os.path.join(out_dir, 'predictions.csv')}, pred.txt" + "".join(f", {os.path.basename(p)}" for p in pictures))
     if metrics:
         print(format_table(metrics))
+    if warned:  # scored all the same; the text of each is in the file, not on the terminal
+        print(f"{len(warned)} image(s) produced decoder warnings; see {os.path.join(out_dir, 'warnings.csv')}",
+              file=sys.stderr)
     if errors:
         print(f"{len(errors)} image(s) could not be read; see {os.path.join(out_dir, 'errors.csv')}", file=sys.stderr)
         for path, reason in errors[:10]:

@@ -30,6 +30,7 @@ class EpochProgress:
     loss_sum: float = 0.0   # sum of per-sample EMD over readable samples
     loss_count: int = 0
     skipped: list = field(default_factory=list)  # paths of unreadable images
+    warned: list = field(default_factory=list)   # paths of images used although their decoder warned
     seconds: float = 0.0
     pending_loss: object = None  # device tensor not yet added to loss_sum (avoids a sync per step)
 
@@ -46,7 +47,8 @@ class EpochProgress:
     def to_dict(self) -> dict:
         self.sync()
         return {"steps": self.steps, "samples": self.samples, "loss_sum": self.loss_sum,
-                "loss_count": self.loss_count, "skipped": list(self.skipped), "seconds": self.seconds}
+                "loss_count": self.loss_count, "skipped": list(self.skipped), "warned": list(self.warned),
+                "seconds": self.seconds}
 
 
 def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress, *,
@@ -73,6 +75,9 @@ def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress
             for path, reason in zip(bad, reasons):
                 log(f"skipping unreadable image {path}: {reason}")
             progress.skipped.extend(bad)
+        # Decoder warnings are counted, not printed: a messy folder would flood the log.
+        progress.warned.extend(paths[i] if paths else str(i)
+                               for i, w in zip(batch["index"].tolist(), batch.get("warning", ())) if w)
         images = rt.images_to_device(batch["image"])
         targets = batch["target"].to(rt.device, non_blocking=True)
         weights = ok.to(rt.device, non_blocking=True).float()
