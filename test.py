@@ -15,6 +15,7 @@ import sys
 import torch
 
 from dataset import LabelFileError, find_images, read_label_csv
+from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.labels import LabelTable
 from dataset.transforms import MAX_TTA
 from engine.distributed import pick_device
@@ -38,6 +39,8 @@ def get_args_parser():
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
     p.add_argument("--contact_sheet", type=int, default=0, metavar="K",
                    help="also write contact_sheet.png: the K highest and K lowest scored images (0: off)")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -62,6 +65,7 @@ def main(args) -> int:
             raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
         if args.contact_sheet < 0:
             raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
+        check_max_pixels(args.max_image_pixels)
         device = pick_device(args.device)
         table, ids = load_inputs(args)
         model, model_args = load_for_inference(args.model, device)
@@ -76,7 +80,8 @@ def main(args) -> int:
         model = model.to(memory_format=torch.channels_last)
     try:
         _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=args.batch_size,
-                                     workers=args.workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet)
+                                     workers=args.workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
+                                     max_pixels=args.max_image_pixels)
     except OutputWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
