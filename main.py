@@ -11,26 +11,29 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 import argparse
 import os
 import random
+import shutil
 import sys
 
 import numpy as np
 import torch
 
 from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
+from dataset.images import DEFAULT_MAX_PIXELS
 from engine import distributed
-from fileio import OutputWriteError, check_writable
+from engine.checkpoints import (MONITORS, ResumeError, RunCheckpoints, RunState, check_resume_flags,
+                                find_resume_checkpoint, load_warm_start, read_warm_start, restore, run_schedule, signed)
 from engine.flags import str2bool
 from engine.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
+from engine.optim import build_optimizer, build_scheduler, current_lrs
 from engine.predictions import score_and_report
-from engine.run_state import MONITORS, RunOutputs, RunState, checkpoint_dict, load_warm_start_weights, restore, signed
+from engine.run_log import RunLog
 from engine.runtime import Runtime, resolve_speed_flags
 from engine.signals import StopOnSignals, StopRequested
 from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
-from model import (CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones,
-                   load_for_inference, save_checkpoint)
-from model.checkpoint import read_checkpoint_file
-from model.nima import check_model_args
+from fileio import OutputWriteError, check_writable
+from model import CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones, load_for_inference
+from model.nima import HEADS, check_model_args
 
 
 class UsageError(ValueError):
@@ -76,6 +79,8 @@ def get_args_parser():
     g.add_argument("--snapshot_dir", default=None, help="folder for curves.png (default: snapshots/<name of ckpt_path>)")
     g.add_argument("--save_fig", action="store_true", help="kept for the reference's users: curves.png is now always saved")
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
+    g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     g = p.add_argument_group("model")
     g.add_argument("--base_model", default="vgg16",
                    help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name")
@@ -149,6 +154,8 @@ def check_usage(args) -> None:
         raise UsageError("--num_workers and --save_every_steps must be >= 0 and --early_stopping_patience >= 1")
     if args.dist_timeout < 1:
         raise UsageError(f"--dist_timeout must be at least 1 second, got {args.dist_timeout}")
+    if args.max_image_pixels < 1:
+        raise UsageError(f"--max_image_pixels must be at least 1 (width x height), got {args.max_image_pixels}")
     if args.resume and args.warm_start:
         raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
                          "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
@@ -191,11 +198,11 @@ def train_loaders(args, rt, model_args, train_table, val_table):
     """(training sampler, training loader, validation loader). The training order is a
     function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
     size = model_args["image_size"]
-    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, size, size))
+    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, size, size), args.max_image_pixels)
     sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
     # drop_last only under --compile, where a smaller last batch would trigger a recompile.
     train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
-    val_set = inference_dataset(val_table.paths, model_args, val_table.dists)
+    val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels)
     val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
                              sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
     return sampler, train_loader, val_loader
@@ -321,7 +328,8 @@ def test_split(args, rt) -> int:
     model, model_args = load_for_inference(path, rt.device)
     _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
                                  batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
-                                 contact_sheet=args.contact_sheet, title=f"test set ({path})")
+                                 contact_sheet=args.contact_sheet, title=f"test set ({path})",
+                                 max_pixels=args.max_image_pixels)
     return 1 if errors else 0
 
 
