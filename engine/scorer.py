@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from dataset.images import ImageReadError, load_rgb, upright_rgb
+from dataset.images import ImageReadError, check_max_pixels, load_rgb, upright_rgb
 from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
@@ -43,17 +43,22 @@ class Scorer:
         self.model, self.model_args, self.rt = model, model_args, rt
         self.tta, self.batch_size = tta, batch_size
         self.transform = inference_transform(model_args, tta)
+        self.max_image_pixels = None  # None: Pillow's limit
 
     @classmethod
-    def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = 32, amp="auto") -> "Scorer":
+    def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = 32, amp="auto",
+                        max_image_pixels=None) -> "Scorer":
         """Either checkpoint format (ours or the reference's released state_dict).
-        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp."""
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp;
+        max_image_pixels as its --max_image_pixels (None: Pillow's limit)."""
         device = pick_device(device)
         model, model_args = load_for_inference(path, device)
         use_amp, channels_last = resolve_speed_flags(amp, "auto", device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        return cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size)
+        scorer = cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size)
+        scorer.max_image_pixels = check_max_pixels(max_image_pixels)
+        return scorer
 
     def score(self, images):
         """One input (a PIL image, or a path) -> a Score; a list or tuple of them -> a list
@@ -77,13 +82,12 @@ class Scorer:
         means, stds = mean_and_std(dists)
         return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
 
-    @staticmethod
-    def _rgb(item) -> Image.Image:
+    def _rgb(self, item) -> Image.Image:
         if isinstance(item, Image.Image):
             return upright_rgb(item)
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
         try:
-            return load_rgb(item)
+            return load_rgb(item, self.max_image_pixels)
         except ImageReadError as exc:
             raise ImageReadError(f"{item}: {exc}") from None
