@@ -1,8 +1,12 @@
-"""Where and how tensors run: device, mixed precision, memory format, ranks. Built once
-by the CLI from its flags, then handed to the training and inference loops."""
+"""Where and how tensors run: device, mixed precision, memory format, ranks, and how
+images reach the device. Built once by the CLI from its flags, then handed to the
+training and inference loops."""
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+
+from dataset.transforms import uint8_to_input
 
 from .distributed import DistInfo
 
@@ -14,12 +18,31 @@ class Runtime:
     channels_last: bool = False
     dist: DistInfo = field(default_factory=DistInfo)
     show_progress: bool = True
+    # Loader workers hand uint8 crops (a quarter of float32's bytes through shared memory,
+    # pinning and the copy) and the device converts and normalises them. The loaders'
+    # transforms follow this flag; images_to_device follows the batch's dtype.
+    uint8_transfer: bool = False
+    # The model's input normalisation ('imagenet' or 'none'), applied on the device to
+    # uint8 batches; set from the model's arguments with for_model().
+    normalize: str = None
+
+    def for_model(self, model_args: dict) -> "Runtime":
+        """This runtime with the input normalisation of the model about to run."""
+        return dataclasses.replace(self, normalize=model_args["normalize"])
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
 
     def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch as the network's input on the device. uint8 batches (B, 3, H, W) are
+        converted to float32, scaled by 1/255 and normalised there; float batches,
+        already normalised by the CPU transforms, pass unchanged."""
         images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            if self.normalize is None:
+                raise ValueError("a uint8 batch reached the device, but the runtime does not know the model's "
+                                 "input normalisation: build it with Runtime.for_model(model_args)")
+            return uint8_to_input(images, self.normalize, self.channels_last)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
@@ -36,3 +59,15 @@ def resolve_speed_flags(amp: str, channels_last: str, device: torch.device) -> t
     use_amp = {"on": True, "off": False, "auto": on_cuda and torch.cuda.is_bf16_supported()}[amp]
     use_cl = {"on": True, "off": False, "auto": on_cuda}[channels_last]
     return use_amp, use_cl
+
+
+UINT8_TRANSFER_CHOICES = ("auto", "on", "off")
+
+
+def resolve_uint8_transfer(flag: str, device: torch.device) -> bool:
+    """--uint8_transfer: 'auto' sends uint8 crops to CUDA devices, where converting and
+    normalising is nearly free, and keeps the float path on CPU, where the work would
+    only move from the loader workers to the main process."""
+    if flag not in UINT8_TRANSFER_CHOICES:
+        raise ValueError(f"--uint8_transfer must be one of {', '.join(UINT8_TRANSFER_CHOICES)}, got {flag!r}")
+    return {"on": True, "off": False, "auto": torch.device(device).type == "cuda"}[flag]

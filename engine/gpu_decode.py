@@ -1,0 +1,208 @@
+"""Decode JPEGs on the device (test.py --gpu_decode): the loader workers only read the
+files' bytes and their headers, and the main process decodes each batch at once with
+`torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA), then applies the EXIF
+orientation, resizes the shorter side (bilinear, antialiased) and crops there.
+
+The crops are those of the Pillow path (load_rgb + eval_transform / TTACrops) up to
+the two decoders' differences: the same output size, the same crop offsets, the same
+orientation. Every file the device path does not take goes through the Pillow path
+instead, in the worker: other formats, CMYK and other JPEG modes, JPEGs that do not
+end with their end-of-image marker (Pillow reports those as truncated), headers that
+warn or fail, images above the pixel limit. A file the device decoder rejects is read
+by the Pillow path in the main process. Reasons for unreadable files are Pillow's.
+
+With device='cpu' the same code decodes with libjpeg-turbo through torchvision, which
+is how it is tested without a GPU.
+"""
+import io
+import warnings
+
+import torch
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import functional as F
+
+from dataset import ImageDataset
+from dataset.labels import NUM_BINS
+from dataset.transforms import TTACrops, check_tta, eval_transform, tta_crops, uint8_to_input
+
+from .loaders import make_loader
+
+EXIF_ORIENTATION = 0x0112
+JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"
+
+
+def jpeg_header(data: bytes, max_pixels: int):
+    """(EXIF orientation 1..8, (height, width) as stored) when `data` is a whole RGB or
+    greyscale JPEG the device decoder can take; None when the Pillow path should
+    read it."""
+    # A file cut short lacks its end marker; Pillow refuses it as truncated, and so must
+    # this path (nvJPEG may decode the part that is there). Trailing zero padding is kept
+    # by some writers after the marker.
+    if len(data) < 4 or not data.startswith(JPEG_START) or not data.rstrip(b"\0").endswith(JPEG_END):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a header Pillow warns about: its path reports the warning
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.format != "JPEG" or img.mode not in ("RGB", "L"):
+                    return None  # MPO, CMYK, YCCK, ...: Pillow converts those its own way
+                width, height = img.size
+                orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+        except Exception:  # noqa: BLE001 - anything odd goes to the Pillow path, which names the reason
+            return None
+    if width < 1 or height < 1 or width * height > max_pixels or not isinstance(orientation, int):
+        return None
+    # ImageOps.exif_transpose leaves an image with any other value as stored.
+    return (orientation if 1 <= orientation <= 8 else 1), (height, width)
+
+
+def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(..., H, W) as Pillow's exif_transpose turns a stored image upright (views, no copy)."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-2, -1)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-2, -1)
+    if orientation == 6:
+        return torch.rot90(img, -1, dims=(-2, -1))  # Pillow's ROTATE_270: a quarter turn clockwise
+    if orientation == 7:
+        return img.transpose(-2, -1).flip(-2, -1)
+    if orientation == 8:
+        return torch.rot90(img, 1, dims=(-2, -1))
+    return img
+
+
+class JpegBytesDataset(ImageDataset):
+    """An inference dataset whose workers hand the main process JPEG bytes to decode on
+    the device. Items are ImageDataset's (image: a uint8 crop) plus `data` (the file's
+    bytes, b'' when the Pillow path made `image`), `orientation`, `height`, `width`
+    (as stored). For items with data, `image` is a blank to be replaced."""
+
+    def __init__(self, paths, model_args, dists=None, tta=1, max_pixels=None):
+        check_tta(tta)
+        size = model_args["image_size"]
+        transform = eval_transform(model_args, uint8=True) if tta == 1 else TTACrops(model_args, tta, uint8=True)
+        shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
+        super().__init__(paths, transform, dists, image_shape=shape, max_pixels=max_pixels)
+
+    def __getitem__(self, item):
+        index = item[0] if isinstance(item, tuple) else item
+        try:
+            with open(self.paths[index], "rb") as f:
+                data = f.read()
+            header = jpeg_header(data, self.max_pixels)
+        except OSError:
+            header = None  # missing, unreadable: the Pillow path gives the reason
+        if header is None:
+            return self.pillow_item(index)
+        orientation, (height, width) = header
+        target = self.dists[index] if self.dists is not None else torch.full((NUM_BINS,), float("nan"))
+        return {"index": index, "image": torch.zeros(self.image_shape, dtype=torch.uint8), "target": target,
+                "ok": True, "error": "", "warning": "", "data": data, "orientation": orientation,
+                "height": height, "width": width}
+
+    def pillow_item(self, index) -> dict:
+        """The Pillow path's item for `index`, with the device fields empty."""
+        item = super().__getitem__(index)
+        if item["image"].dtype != torch.uint8:  # the blank of an unreadable image: same dtype as the rest
+            item["image"] = torch.zeros(self.image_shape, dtype=torch.uint8)
+        item.update(data=b"", orientation=1, height=0, width=0)
+        return item
+
+
+class DeviceJpegDecoder:
+    """Turns a collated JpegBytesDataset batch into uint8 crops on `device`."""
+
+    def __init__(self, dataset: JpegBytesDataset, model_args: dict, device, tta: int = 1):
+        self.dataset, self.device, self.tta = dataset, torch.device(device), tta
+        self.resize_size, self.size = model_args["resize_size"], model_args["image_size"]
+
+    def decode(self, datas: list) -> list:
+        """Decoded (3, H, W) uint8 tensors on the device, None where the decoder refused."""
+        tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:
+            pass  # one bad file fails the whole batch: find it one by one
+        out = []
+        for t in tensors:
+            try:
+                out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:
+                out.append(None)
+        return out
+
+    def crops_of(self, images: torch.Tensor) -> torch.Tensor:
+        """(G, 3, H, W) upright images of one size -> (G, 3, S, S) or (G, tta, 3, S, S)."""
+        images = F.resize(images, [self.resize_size], interpolation=F.InterpolationMode.BILINEAR, antialias=True)
+        if self.tta == 1:
+            return F.center_crop(images, [self.size, self.size])
+        return torch.stack(tta_crops(images, self.size, self.tta), dim=1)
+
+    def __call__(self, batch: dict) -> dict:
+        """The batch with `image` the uint8 crops on the device and the device fields
+        dropped; `ok` and `error` updated for files that no path could read."""
+        image = batch["image"].to(self.device, non_blocking=True)  # the Pillow path's crops, blanks elsewhere
+        ok, error = batch["ok"].clone(), list(batch["error"])
+        jobs = [k for k, d in enumerate(batch["data"]) if d]
+        groups, refused = {}, []
+        if jobs:
+            decoded = self.decode([batch["data"][k] for k in jobs])
+            for k, img in zip(jobs, decoded):
+                stored = (int(batch["height"][k]), int(batch["width"][k]))
+                if img is None or tuple(img.shape[-2:]) != stored:
+                    refused.append(k)
+                    continue
+                img = apply_orientation(img, int(batch["orientation"][k]))
+                groups.setdefault(tuple(img.shape), []).append((k, img))
+        # Images of one size are resized and cropped together (the resize cache gives many).
+        for members in groups.values():
+            crops = self.crops_of(torch.stack([img for _, img in members]))
+            for j, (k, _) in enumerate(members):
+                image[k] = crops[j]  # integer indices: a tensor index would cost a host-to-device copy
+        for k in refused:
+            item = self.dataset.pillow_item(int(batch["index"][k]))
+            image[k] = item["image"].to(self.device)
+            ok[k], error[k] = item["ok"], item["error"]
+            if item["warning"] and "warning" in batch:
+                batch["warning"][k] = item["warning"]
+        out = {key: value for key, value in batch.items() if key not in ("data", "orientation", "height", "width")}
+        out.update(image=image, ok=ok, error=error)
+        return out
+
+
+class DeviceDecodeLoader:
+    """Iterates a DataLoader over a JpegBytesDataset and yields its batches decoded,
+    cropped and normalised on the device: `image` is the network's float32 input
+    (channels_last when the runtime says so), which Runtime.images_to_device passes
+    on unchanged."""
+
+    def __init__(self, loader, decoder: DeviceJpegDecoder, normalize: str, channels_last: bool = False):
+        self.loader, self.decoder, self.normalize, self.channels_last = loader, decoder, normalize, channels_last
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            batch = self.decoder(batch)
+            images = batch["image"]
+            if images.dim() == 5:  # TTA: predict() flattens (B, N, ...) itself; keep the shape
+                batch["image"] = uint8_to_input(images, self.normalize)
+            else:
+                batch["image"] = uint8_to_input(images, self.normalize, self.channels_last)
+            yield batch
+
+
+def device_decode_loader(paths, model_args, rt, batch_size, workers, tta=1, dists=None, sampler=None, max_pixels=None):
+    """The --gpu_decode counterpart of make_loader(inference_dataset(...)): same
+    batches, same order, same items (index, ok, error, warning, target), images decoded
+    on rt.device."""
+    dataset = JpegBytesDataset(paths, model_args, dists, tta=tta, max_pixels=max_pixels)
+    loader = make_loader(dataset, batch_size, workers, rt, sampler=sampler)
+    decoder = DeviceJpegDecoder(dataset, model_args, rt.device, tta)
+    return DeviceDecodeLoader(loader, decoder, model_args["normalize"], rt.channels_last)
