@@ -7,11 +7,15 @@ measured in the same run, on the same device.
 Prints one JSON line per figure as it is measured, then a table (images/s):
   decode_1core     load_rgb + eval_transform, one process, one thread: originals vs cache
   loader           the training DataLoader alone with --workers workers (and per worker)
-  train_synthetic  training steps on random tensors already on the device
+  train_synthetic  training steps on random tensors already on the device, with the
+                   FLOPs of a training image (torch's FlopCounterMode) and the TFLOP/s
+                   reached
   infer_synthetic  prediction on tensors (reference: batch 1, mean/std summed in Python)
   train_jpeg       training end to end from JPEG files through the DataLoader, with the
-                   time the step waited for its batch (loader_wait_ms_per_step)
-  infer_jpeg       test.py's path end to end from JPEG files (score_images)
+                   time the step waited for its batch (loader_wait_ms_per_step); float
+                   and uint8 loader paths (uint8 is the default on CUDA)
+  infer_jpeg       test.py's path end to end from JPEG files (score_images), and the
+                   same with the uint8 loader and with the JPEGs decoded on the device
 "Ours" runs the project's own code (build_model, Runtime, train_one_epoch, predict,
 score_images, make_loader, ImageDataset and its transforms) with each speed flag that
 applies to the device; "reference" runs bench/reference_loop.py. The JPEGs are
@@ -142,6 +146,8 @@ def print_table(records, hw: str) -> None:
         notes = []
         if "loader_wait_ms_per_step" in r:
             notes.append(f"loader wait {r['loader_wait_ms_per_step']:.1f} ms/step")
+        if "achieved_tflops" in r:
+            notes.append(f"{r['achieved_tflops']:.3g} TFLOP/s")
         if "images_per_s_per_worker" in r:
             notes.append(f"{rate(r['images_per_s_per_worker'])} img/s per worker")
         ratio = f"{r['ratio']:.2f}x vs {r['ratio_to']}" if "ratio" in r else ""

@@ -5,14 +5,16 @@ import itertools
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import ImageDataset, eval_transform, load_rgb, train_transform
+from engine.gpu_decode import device_decode_loader
 from engine.inference import predict, score_images
 from engine.loaders import make_loader
 from engine.metrics import mean_and_std
-from engine.runtime import Runtime, resolve_speed_flags
+from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
 from engine.training import EpochProgress, train_one_epoch
-from model import build_model
+from model import build_model, emd_per_sample
 
 from .reference_loop import reference_predict_files, reference_predict_tensors, reference_train_steps
 from .timing import TimedBatches, repeat, timed
@@ -23,9 +25,12 @@ NEED_FILES = ("decode_1core", "loader", "train_jpeg", "infer_jpeg")
 CONV_BASE_LR, DENSE_LR = 1e-4, 1e-3
 
 
-def variant_name(amp: bool, channels_last: bool, compiled: bool = False) -> str:
+def variant_name(amp: bool, channels_last: bool, compiled: bool = False, loader: str = "") -> str:
+    """'ours bf16+channels_last', and for the JPEG figures the loader path when it is not
+    the float one: 'ours bf16+channels_last, uint8 loader' or '..., device decode'."""
     parts = (["bf16"] if amp else []) + (["channels_last"] if channels_last else []) + (["compile"] if compiled else [])
-    return "ours " + ("+".join(parts) or "fp32")
+    return "ours " + ("+".join(parts) or "fp32") + {"": "", "float": "", "uint8": ", uint8 loader",
+                                                     "device_decode": ", device decode"}[loader]
 
 
 class Bench:
@@ -35,6 +40,7 @@ class Bench:
         size = model_args["image_size"]
         self.shape = (3, size, size)
         self.default_flags = resolve_speed_flags("auto", "auto", device)  # what main.py and test.py pick
+        self.default_uint8 = resolve_uint8_transfer("auto", device)
 
     # ----- helpers -----
     def variants(self) -> list:
@@ -72,9 +78,22 @@ class Bench:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def train_dataset(self, paths):
+    def runtime(self, amp, channels_last, uint8=False):
+        return Runtime(self.device, amp, channels_last, show_progress=False, uint8_transfer=uint8).for_model(self.model_args)
+
+    def train_dataset(self, paths, uint8=False):
         dists = self.targets(len(paths))
-        return ImageDataset(paths, train_transform(self.model_args), dists, self.shape)
+        return ImageDataset(paths, train_transform(self.model_args, uint8=uint8), dists, self.shape)
+
+    def training_flops(self) -> float:
+        """FLOPs of one training image (forward and backward of the network and the loss),
+        counted by torch's FlopCounterMode on a batch of 2 (BatchNorm needs more than one)."""
+        model = self.model()
+        x = torch.randn(2, *self.shape, device=self.device)
+        with FlopCounterMode(display=False) as counter:
+            emd_per_sample(model(x), self.targets(2).to(self.device)).sum().backward()
+        del model
+        return counter.get_total_flops() / 2
 
     def sampler(self, n_files, n_samples):
         """A shuffled list of `n_samples` indices cycling over the files (fewer files than
@@ -109,10 +128,10 @@ class Bench:
 
     def loader(self):
         args, base = self.args, None
-        rt = Runtime(self.device, *self.default_flags, show_progress=False)
+        rt = self.runtime(*self.default_flags, self.default_uint8)
         total = args.warmup + args.steps
         for data, paths in self.data.items():
-            loader = make_loader(self.train_dataset(paths), args.batch_size, args.workers, rt,
+            loader = make_loader(self.train_dataset(paths, rt.uint8_transfer), args.batch_size, args.workers, rt,
                                  sampler=self.sampler(len(paths), total * args.batch_size))
             timer = TimedBatches(loader, total, args.warmup, args.batch_size)
             for _ in timer:
@@ -120,8 +139,9 @@ class Bench:
             result = timer.finish(self.device)
             del result["loader_wait_ms_per_step"]  # here the loader is all there is
             per_worker = result["images_per_s"] / max(args.workers, 1)
-            rate = self.record("loader", f"make_loader, {args.workers} workers", data, result, base, ratio_to="original",
-                               workers=args.workers, images_per_s_per_worker=per_worker, batch_size=args.batch_size)
+            rate = self.record("loader", f"make_loader, {args.workers} workers" + (", uint8" if rt.uint8_transfer else ""),
+                               data, result, base, ratio_to="original", workers=args.workers,
+                               images_per_s_per_worker=per_worker, batch_size=args.batch_size)
             base = base or rate
             del loader, timer
             self.cleanup()
@@ -134,19 +154,28 @@ class Bench:
         model = self.model()
         timer = TimedBatches(repeat({"image": images, "target": targets}, total), total, args.warmup, B)
         reference_train_steps(model, self.optimizer(model), timer, self.device)
-        base = self.record("train_synthetic", "reference", "synthetic", timer.finish(self.device), batch_size=B)
+        flops = self.training_flops()
+        # Achieved rate: the counted FLOPs of the images trained per second (a bf16 peak
+        # to divide it by is the matrix rate measured on the same card).
+        work = {"gflop_per_image": flops / 1e9}
+
+        def tflops(result):
+            return {**work, "achieved_tflops": result["images_per_s"] * flops / 1e12}
+        result = timer.finish(self.device)
+        base = self.record("train_synthetic", "reference", "synthetic", result, batch_size=B, **tflops(result))
         del model
         batch = {"index": torch.arange(B), "image": images, "target": targets, "ok": torch.ones(B, dtype=torch.bool),
                  "error": [""] * B}
         for amp, cl, comp in self.variants():
             result = self._train_ours(repeat(batch, total), total, amp, cl, comp)
-            self.record("train_synthetic", variant_name(amp, cl, comp), "synthetic", result, base, batch_size=B)
+            self.record("train_synthetic", variant_name(amp, cl, comp), "synthetic", result, base, batch_size=B,
+                        **tflops(result))
 
     def _train_ours(self, source, total, amp, channels_last, compiled):
         """Our training step (engine.training.train_one_epoch) as main.py sets it up."""
         args = self.args
         torch.backends.cudnn.benchmark = self.cuda
-        rt = Runtime(self.device, amp, channels_last, show_progress=False)
+        rt = self.runtime(amp, channels_last)  # uint8 batches are converted whatever its flag says
         model = self.model(channels_last)
         net = torch.compile(model) if compiled else model
         timer = TimedBatches(source, total, args.warmup, args.batch_size)
@@ -170,7 +199,7 @@ class Bench:
                     "error": [""] * B} for i in range(0, n, B)]
         torch.backends.cudnn.benchmark = self.cuda
         for amp, cl, comp in self.variants():
-            rt = Runtime(self.device, amp, cl, show_progress=False)
+            rt = self.runtime(amp, cl)
             model = self.model(cl)
             net = torch.compile(model) if comp else model
             predict(net, batches[:1], rt)  # warm-up: cuDNN autotuning, compilation
@@ -196,16 +225,19 @@ class Bench:
                            workers=args.workers)
         del model, plain, timer
         amp, cl = self.default_flags
-        runs = [(data, False) for data in self.data]
+        uint8, cache = self.default_uint8, list(self.data)[-1]
+        # Every data set with the default loader path (uint8 on CUDA, float on CPU), the
+        # cache with the other path too, and the cache compiled on CUDA.
+        runs = [(data, uint8, False) for data in self.data] + [(cache, not uint8, False)]
         if self.cuda and not args.no_compile:
-            runs.append((list(self.data)[-1], True))
-        for data, comp in runs:
-            rt = Runtime(self.device, amp, cl, show_progress=False)
+            runs.append((cache, uint8, True))
+        for data, u8, comp in runs:
             paths = self.data[data]
-            loader = make_loader(self.train_dataset(paths), B, args.workers, rt,
+            loader = make_loader(self.train_dataset(paths, u8), B, args.workers, self.runtime(amp, cl, u8),
                                  sampler=self.sampler(len(paths), total * B), drop_last=comp)
             result = self._train_ours(loader, total, amp, cl, comp)
-            self.record("train_jpeg", variant_name(amp, cl, comp), data, result, base, batch_size=B, workers=args.workers)
+            self.record("train_jpeg", variant_name(amp, cl, comp, "uint8" if u8 else "float"), data, result, base,
+                        batch_size=B, workers=args.workers)
             del loader
             self.cleanup()
 
@@ -220,17 +252,33 @@ class Bench:
         del model
         torch.backends.cudnn.benchmark = self.cuda
         amp, cl = self.default_flags
-        rt = Runtime(self.device, amp, cl, show_progress=False)
+        rt = self.runtime(amp, cl)
         model = self.model(cl).eval()
         with torch.no_grad(), rt.autocast():  # warm-up: cuDNN autotuning for the batch shape
             model(rt.images_to_device(torch.zeros(args.infer_batch_size, *self.shape)))
-        for data, files in self.data.items():
-            paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(files))]
+        # test.py's path (score_images: float crops from the workers) and the device decode
+        # on every data set, the uint8 loader on the cache.
+        cache = list(self.data)[-1]
+        runs = [(data, "float") for data in self.data] + [(cache, "uint8")] + [(data, "device_decode") for data in self.data]
+        for data, loader_path in runs:
+            paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(self.data[data]))]
             start = time.perf_counter()
-            _, dists, _ = score_images(model, self.model_args, paths, rt, args.infer_batch_size, args.workers)
+            dists = self._infer_files(model, paths, rt, loader_path)
             mean_and_std(dists)
             seconds = time.perf_counter() - start
-            self.record("infer_jpeg", variant_name(amp, cl), data, {"images_per_s": len(paths) / seconds}, base,
-                        batch_size=args.infer_batch_size, workers=args.workers)
+            self.record("infer_jpeg", variant_name(amp, cl, loader=loader_path), data,
+                        {"images_per_s": len(paths) / seconds}, base, batch_size=args.infer_batch_size,
+                        workers=args.workers)
         del model
         self.cleanup()
+
+    def _infer_files(self, model, paths, rt, loader_path):
+        args, B = self.args, self.args.infer_batch_size
+        if loader_path == "float":
+            return score_images(model, self.model_args, paths, rt, B, args.workers)[1]
+        if loader_path == "uint8":
+            dataset = ImageDataset(paths, eval_transform(self.model_args, uint8=True), image_shape=self.shape)
+            loader = make_loader(dataset, B, args.workers, rt)
+        else:
+            loader = device_decode_loader(paths, self.model_args, rt, B, args.workers)
+        return predict(model, loader, rt, desc="score")[1]

@@ -36,6 +36,12 @@ def test_quick_run_reports_every_figure(tmp_path):
     cache = f"cache{default_model_args('tiny_cnn')['resize_size']}"  # made with --size = the resize size
     for figure in ("decode_1core", "loader", "train_jpeg", "infer_jpeg"):
         assert {r["data"] for r in records if r["figure"] == figure} >= {"original", cache}
+    # The loader paths: uint8 crops (the CUDA default) and JPEGs decoded on the device.
+    assert {("train_jpeg", "ours fp32, uint8 loader", cache), ("infer_jpeg", "ours fp32, uint8 loader", cache),
+            ("infer_jpeg", "ours fp32, device decode", "original"), ("infer_jpeg", "ours fp32, device decode", cache)} <= seen
+    for r in records:
+        if r["figure"] == "train_synthetic":
+            assert r["gflop_per_image"] > 0 and r["achieved_tflops"] > 0
     for r in records:
         assert r["images_per_s"] > 0 and r["device"] == "cpu" and "CPU" in r["hardware"]
         if r["variant"].startswith("ours"):

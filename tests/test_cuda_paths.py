@@ -140,4 +140,8 @@ def test_bench_quick_on_cuda(tmp_path):
     variants = {r["variant"] for r in records if r["figure"] == "train_synthetic"}
     if torch.cuda.is_bf16_supported():
         assert {"ours bf16", "ours bf16+channels_last"} <= variants
+        jpeg_variants = {r["variant"] for r in records if r["figure"].endswith("_jpeg")}
+        # uint8 crops are the CUDA default; the float path and the device decode are measured beside it.
+        assert {"ours bf16+channels_last, uint8 loader", "ours bf16+channels_last",
+                "ours bf16+channels_last, device decode"} <= jpeg_variants
     assert all(r["images_per_s"] > 0 and r["device"].startswith("cuda") for r in records)
