@@ -19,10 +19,11 @@ import torch
 
 from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
 from dataset.images import DEFAULT_MAX_PIXELS
+from dataset.transforms import check_tta
 from engine import distributed
 from engine.checkpoints import (MONITORS, ResumeError, RunCheckpoints, RunState, check_resume_flags,
                                 find_resume_checkpoint, load_warm_start, read_warm_start, restore, run_schedule, signed)
-from engine.flags import str2bool
+from engine.flags import HelpFormatter, default, given, str2bool
 from engine.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
 from engine.optim import build_optimizer, build_scheduler, current_lrs
@@ -33,6 +34,7 @@ from engine.signals import StopOnSignals, StopRequested
 from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from fileio import OutputWriteError, check_writable
 from model import CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones, load_for_inference
+from model.checkpoint import NORMALIZE_CHOICES
 from model.nima import HEADS, check_model_args
 
 
@@ -41,15 +43,17 @@ class UsageError(ValueError):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train NIMA with the Earth Mover's Distance loss.")
+    p = argparse.ArgumentParser(description="Train NIMA with the Earth Mover's Distance loss.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data (the reference's flags)")
     g.add_argument("--img_path", default="./data/images/", help="folder of the images named in the CSVs")
-    g.add_argument("--train_csv_file", default="./data/train_labels.csv")
-    g.add_argument("--val_csv_file", default="./data/val_labels.csv")
-    g.add_argument("--test_csv_file", default="./data/test_labels.csv")
+    g.add_argument("--train_csv_file", default="./data/train_labels.csv", help="training labels: image id, then 10 vote counts")
+    g.add_argument("--val_csv_file", default="./data/val_labels.csv", help="validation labels, same format")
+    g.add_argument("--test_csv_file", default="./data/test_labels.csv", help="test labels for --test (ratings optional)")
     g = p.add_argument_group("what to run")
     g.add_argument("--train", action="store_true", help="train")
-    g.add_argument("--test", action="store_true", help="evaluate the best checkpoint on --test_csv_file")
+    g.add_argument("--test", action="store_true",
+                   help="score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under --warm_start without --train)")
     g.add_argument("--tta", type=int, default=1, help="with --test: average over N fixed crops, as test.py's --tta")
     g.add_argument("--contact_sheet", type=int, default=0, metavar="K",
                    help="with --test: also write contact_sheet.png of the K highest and K lowest scored images (0: off)")
@@ -57,40 +61,42 @@ def get_args_parser():
     g.add_argument("--conv_base_lr", type=float, default=3e-4, help="learning rate of the conv base")
     g.add_argument("--dense_lr", type=float, default=3e-3, help="learning rate of the head")
     g.add_argument("--decay", action="store_true", help="multiply the learning rates by --lr_decay_rate every --lr_decay_freq epochs")
-    g.add_argument("--lr_decay_rate", type=float, default=0.95)
-    g.add_argument("--lr_decay_freq", type=int, default=10)
+    g.add_argument("--lr_decay_rate", type=float, default=0.95, help="factor of each decay step")
+    g.add_argument("--lr_decay_freq", type=int, default=10, help="epochs between decay steps")
     g.add_argument("--train_batch_size", type=int, default=128, help="per process under torchrun")
-    g.add_argument("--val_batch_size", type=int, default=128)
-    g.add_argument("--test_batch_size", type=int, default=128)
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
-    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--val_batch_size", type=int, default=128, help="validation images per forward pass")
+    g.add_argument("--test_batch_size", type=int, default=128, help="--test images per forward pass (crops under --tta)")
+    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    g.add_argument("--epochs", type=int, default=100, help="last epoch to train (counted from 1, across resumes)")
     g.add_argument("--early_stopping_patience", "--early_stoppping_patience", dest="early_stopping_patience",
                    type=int, default=10, help="epochs without improvement of --monitor before stopping")
     g.add_argument("--monitor", default="val_emd", choices=MONITORS, help="validation metric for early stopping and best.pth")
     g.add_argument("--seed", type=int, default=0, help="seeds Python, NumPy, torch, the shuffle and the augmentations")
     g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--ckpt_path", default="./ckpts", help="folder for epoch-N.pth, best.pth, last.pth, metrics.jsonl")
+    g.add_argument("--ckpt_path", default="./ckpts", help="folder for epoch-N.pth, best.pth, last.pth, metrics.jsonl, curves.png")
     g.add_argument("--resume", default=None, help="PATH of a checkpoint of ours, or 'auto' (last.pth in --ckpt_path if it exists)")
     g.add_argument("--warm_start", type=str2bool, nargs="?", const=True, default=False,
-                   help="start from the weights of epoch-<warm_start_epoch>.pth in --ckpt_path")
-    g.add_argument("--warm_start_epoch", type=int, default=0)
+                   help="start a new run from the weights (and model arguments) of epoch-<warm_start_epoch>.pth in --ckpt_path")
+    g.add_argument("--warm_start_epoch", type=int, default=0, help="with --warm_start: the epoch to start from")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps within an epoch (0: off)")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <ckpt_path>/tensorboard)")
-    g.add_argument("--snapshot_dir", default=None, help="folder for curves.png (default: snapshots/<name of ckpt_path>)")
+    g.add_argument("--snapshot_dir", default=None, help="folder for curves.png (default: --ckpt_path)")
     g.add_argument("--save_fig", action="store_true", help="kept for the reference's users: curves.png is now always saved")
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
-                   help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
-    g = p.add_argument_group("model")
-    g.add_argument("--base_model", default="vgg16",
+                   help="an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit)")
+    g = p.add_argument_group("model (a resume or warm start takes these from its checkpoint)")
+    g.add_argument("--base_model", default=default("vgg16"),
                    help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name")
-    g.add_argument("--head", choices=["reference", "paper"], default="reference",
+    g.add_argument("--head", choices=HEADS, default=default("reference"),
                    help="reference: dropout + Linear(features, 10) + softmax; paper (vgg16 only): keep VGG16's fc6/fc7, replace only the last layer")
     g.add_argument("--pretrained", default="imagenet", help="imagenet (torchvision's weights), none, or PATH of a torchvision weights file")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's, 224 for vgg16)")
     g.add_argument("--resize_size", type=int, default=None, help="shorter side before cropping (default: the backbone's, 256 for vgg16)")
-    g.add_argument("--normalize", choices=["imagenet", "none"], default=None, help="input normalisation (default: the backbone's)")
-    g.add_argument("--dropout", type=float, default=0.75)
+    g.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
+                   help="input normalisation (default: the backbone's; for a warm start from a bare state_dict: none, "
+                        "the reference's 2018-2020 release; its June 2021 release needs imagenet)")
+    g.add_argument("--dropout", type=float, default=default(0.75), help="dropout before the 10-way layer")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--multi_gpu", type=str2bool, nargs="?", const=True, default=False,
@@ -99,7 +105,7 @@ def get_args_parser():
     g.add_argument("--dist_timeout", type=int, default=600,
                    help="under torchrun: seconds a rank waits in a collective for the others before the job fails")
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
-    g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="auto: on for CUDA")
+    g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -111,37 +117,36 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_model_args(args, resume_ckpt=None) -> dict:
-    """Construction arguments: a resumed checkpoint's, else the backbone's defaults with
-    the flags that override them."""
-    if resume_ckpt is not None:
-        return dict(resume_ckpt["model_args"])
+# Flags that define the model; a resume or warm start takes them from its checkpoint.
+MODEL_FLAGS = ("base_model", "head", "dropout", "image_size", "resize_size", "normalize")
+
+
+def resolve_model_args(args, source=None, source_name="") -> dict:
+    """Construction arguments. From a checkpoint (`source`: its model_args) they are the
+    checkpoint's, so a run keeps the model and preprocessing it was trained with, and a
+    flag the user typed that contradicts one is an error naming both values. Otherwise
+    the backbone's defaults with the flags that override them."""
+    if source is not None:
+        model_args = dict(source)
+        model_args.setdefault("head", "reference")  # checkpoints older than --head
+        for key in MODEL_FLAGS:
+            value = getattr(args, key)
+            if given(value) and value != model_args[key]:
+                raise UsageError(f"--{key} {value} contradicts {source_name}, whose model has {key} {model_args[key]!r}; "
+                                 f"drop the flag (a resumed or warm-started run keeps its checkpoint's model and preprocessing)")
+        return model_args
     model_args = default_model_args(args.base_model)  # raises with the valid names
     for key in ("image_size", "resize_size", "normalize"):
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
-    model_args["dropout"] = args.dropout
-    model_args["head"] = args.head
+    model_args["dropout"] = float(args.dropout)
+    model_args["head"] = str(args.head)
     if model_args["resize_size"] < model_args["image_size"]:
         raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
     if not 0 <= args.dropout < 1:
         raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
     check_model_args(model_args)  # the backbone's own limits: --head, minimum or fixed --image_size
     return model_args
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint dict to resume from, or None for a fresh start."""
-    if args.resume is None:
-        return None
-    path = os.path.join(args.ckpt_path, "last.pth") if args.resume == "auto" else args.resume
-    if args.resume == "auto" and not os.path.exists(path):
-        return None
-    ckpt = read_checkpoint_file(path)
-    if not (isinstance(ckpt, dict) and "optimizer" in ckpt and "model_args" in ckpt):
-        raise UsageError(f"--resume {path}: not a training checkpoint of ours (no optimizer state); "
-                         f"to start from the weights of a released model use --warm_start")
-    return ckpt
 
 
 def check_usage(args) -> None:
@@ -156,6 +161,11 @@ def check_usage(args) -> None:
         raise UsageError(f"--dist_timeout must be at least 1 second, got {args.dist_timeout}")
     if args.max_image_pixels < 1:
         raise UsageError(f"--max_image_pixels must be at least 1 (width x height), got {args.max_image_pixels}")
+    check_tta(args.tta)
+    if args.contact_sheet < 0:
+        raise UsageError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
+    if not os.path.isdir(args.img_path):
+        raise UsageError(f"--img_path {args.img_path}: no such folder (it must hold the images the CSVs name)")
     if args.resume and args.warm_start:
         raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
                          "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
@@ -187,7 +197,7 @@ def main(args) -> int:
             distributed.barrier(rt.dist)  # every rank must read the best.pth rank 0 has just written
             code = test_split(args, rt)
         return code
-    except (UsageError, ValueError, LabelFileError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:
+    except (UsageError, ValueError, LabelFileError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:  # ResumeError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
@@ -208,32 +218,58 @@ def train_loaders(args, rt, model_args, train_table, val_table):
     return sampler, train_loader, val_loader
 
 
-def train(args, rt) -> int:
+def build_run(args, rt):
+    """The model, optimiser, scheduler and run state of a fresh, resumed or warm-started
+    run, with its model arguments. Everything that can be wrong with the configuration
+    is found here, before any heavy work."""
     log = print if rt.dist.is_main else (lambda *a, **k: None)
-    # Everything that can be wrong with the configuration is found here, in seconds.
     resume_ckpt = find_resume_checkpoint(args)
-    model_args = resolve_model_args(args, resume_ckpt)
-    train_table = read_label_csv(args.train_csv_file, args.img_path)
-    val_table = read_label_csv(args.val_csv_file, args.img_path)
-    if rt.dist.is_main:
-        check_writable(args.ckpt_path)
+    source, weights = None, None
+    if resume_ckpt is not None:
+        check_resume_flags(resume_ckpt, args, log)
+        model_args = resolve_model_args(args, resume_ckpt["model_args"], resume_ckpt["path"])
+    elif args.warm_start:
+        source, weights, source_args, note = read_warm_start(args)
+        if note:
+            log(note)
+        model_args = resolve_model_args(args, source_args, source)
+    else:
+        model_args = resolve_model_args(args)
     set_seed(args.seed)
-    pretrained = "none" if (resume_ckpt or args.warm_start) else args.pretrained
-    model = build_model(model_args, pretrained=pretrained).to(rt.device)
+    model = build_model(model_args, pretrained="none" if (resume_ckpt or source) else args.pretrained).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(model.param_groups(args.conv_base_lr, args.dense_lr), momentum=0.9,
-                                foreach=True if rt.device.type == "cuda" else None)
-    scheduler = (torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_decay_freq, gamma=args.lr_decay_rate)
-                 if args.decay else None)
+    optimizer = build_optimizer(model, args.conv_base_lr, args.dense_lr, rt.device)
     state = RunState()
     if resume_ckpt is not None:
-        state = restore(resume_ckpt, model, optimizer, scheduler)
+        scheduler = build_scheduler(optimizer, run_schedule(args))
+        state = restore(resume_ckpt, model, optimizer, scheduler, rt.dist.rank)
         log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
-    elif args.warm_start:
-        load_warm_start_weights(os.path.join(args.ckpt_path, f"epoch-{args.warm_start_epoch}.pth"), model, model_args["base_model"])
-        state.epoch = args.warm_start_epoch
-        log(f"warm start from epoch-{args.warm_start_epoch}.pth")
+    else:
+        if source is not None:
+            load_warm_start(model, weights, source, model_args["base_model"])
+            state.epoch = args.warm_start_epoch
+            log(f"warm start from {source} at epoch {state.epoch}")
+        # A warm start at epoch N continues the schedule at epoch N + 1's rates.
+        scheduler = build_scheduler(optimizer, run_schedule(args), completed_epochs=state.epoch)
+    return model, optimizer, scheduler, state, model_args
+
+
+def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, val_errors) -> dict:
+    """One line of metrics.jsonl (README, "Training outputs")."""
+    return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
+            "seconds": progress.seconds, "images_per_second": progress.samples * world_size / max(progress.seconds, 1e-9),
+            "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
+
+
+def train(args, rt) -> int:
+    log = print if rt.dist.is_main else (lambda *a, **k: None)
+    train_table = read_label_csv(args.train_csv_file, args.img_path)
+    val_table = read_label_csv(args.val_csv_file, args.img_path)
+    model, optimizer, scheduler, state, model_args = build_run(args, rt)
+    new_folder = not os.path.isdir(args.ckpt_path)
+    if rt.dist.is_main:
+        check_writable(args.ckpt_path)
 
     net = torch.compile(model) if args.compile else model  # compile before the DDP wrap
     if rt.dist.enabled:
@@ -242,21 +278,15 @@ def train(args, rt) -> int:
     # collective that hangs when one rank's shard of the validation set is empty.
     eval_net = net.module if rt.dist.enabled else net
     sampler, train_loader, val_loader = train_loaders(args, rt, model_args, train_table, val_table)
-    outputs = None
+    ckpts, run_log = None, None
     if rt.dist.is_main:
-        snapshot_dir = args.snapshot_dir or os.path.join("snapshots", os.path.basename(os.path.normpath(args.ckpt_path)))
-        outputs = RunOutputs(args.ckpt_path, args.log_dir or os.path.join(args.ckpt_path, "tensorboard"),
-                             snapshot_dir, args.monitor, state.epoch)
-
-    def save_last(progress):
-        if rt.dist.is_main:
-            state.partial_epoch = progress.to_dict()
-            save_checkpoint(os.path.join(args.ckpt_path, "last.pth"),
-                            checkpoint_dict(model, optimizer, scheduler, state, args, model_args))
+        ckpts = RunCheckpoints(args.ckpt_path, args, model_args, model, optimizer, scheduler)
+        run_log = RunLog(args.ckpt_path, args.log_dir or os.path.join(args.ckpt_path, "tensorboard"),
+                         args.snapshot_dir or args.ckpt_path, args.monitor, state.epoch)
 
     def on_step(progress):
-        if stop.requested or (args.save_every_steps and progress.steps % args.save_every_steps == 0):
-            save_last(progress)
+        if ckpts is not None and (stop.requested or (args.save_every_steps and progress.steps % args.save_every_steps == 0)):
+            ckpts.save_last(state, progress)
         stop.check()
 
     log(f"training {model_args['base_model']} on {len(train_table)} images, validating on {len(val_table)}, "
@@ -270,9 +300,9 @@ def train(args, rt) -> int:
                 sampler.set_epoch(epoch, start=progress.samples)
                 # Dropout masks: a function of (seed, epoch, rank), so ranks do not share masks.
                 torch.manual_seed(args.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
-                lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}
+                lrs = current_lrs(optimizer)
                 progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
-                                           paths=train_table.paths, writer=outputs and outputs.writer,
+                                           paths=train_table.paths, writer=run_log and run_log.writer,
                                            global_step=(epoch - 1) * steps_per_epoch,
                                            on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
                 train_loss = epoch_train_loss(rt, progress)
@@ -283,19 +313,11 @@ def train(args, rt) -> int:
                 val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
                 if scheduler is not None:
                     scheduler.step()
-                monitored = val[args.monitor[len("val_"):]]
-                improved = state.improves(args.monitor, monitored)
-                if improved:
-                    state.best_val_loss, state.epochs_without_improvement = signed(args.monitor, monitored), 0
-                else:
-                    state.epochs_without_improvement += 1
-                state.epoch, state.partial_epoch = epoch, None  # a mid-epoch save set partial_epoch; the epoch is whole now
-                record = {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
-                          "seconds": progress.seconds,
-                          "images_per_second": progress.samples * rt.dist.world_size / max(progress.seconds, 1e-9),
-                          "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
-                if outputs is not None:
-                    outputs.end_epoch(record, checkpoint_dict(model, optimizer, scheduler, state, args, model_args), improved)
+                improved = state.end_epoch(epoch, args.monitor, val[args.monitor[len("val_"):]])
+                record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, val_errors)
+                if ckpts is not None:
+                    run_log.end_epoch(record)  # before the checkpoints: see MetricsLog
+                    ckpts.end_epoch(state, improved)
                 log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
                     f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
                     + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
@@ -310,13 +332,29 @@ def train(args, rt) -> int:
         return 128 + exc.signum
     except (NonFiniteLossError, BadImageError) as exc:
         rank = f" (rank {rt.dist.rank})" if rt.dist.enabled else ""
-        print(f"error{rank}: {exc}. The last good checkpoint in {args.ckpt_path} is intact.", file=sys.stderr)
+        print(f"error{rank}: {exc}. {last_good_checkpoint(args.ckpt_path)}", file=sys.stderr)
         return 1
     finally:
-        if outputs is not None:
-            outputs.close()
+        if run_log is not None:
+            run_log.close()
+        if new_folder and rt.dist.is_main:
+            remove_if_no_checkpoint(args.ckpt_path)
     log(f"done: best {args.monitor} {signed(args.monitor, state.best_val_loss):.4f}; checkpoints in {args.ckpt_path}")
     return 0
+
+
+def last_good_checkpoint(ckpt_dir) -> str:
+    last = os.path.join(ckpt_dir, "last.pth")
+    if os.path.exists(last):
+        return f"The last good checkpoint, {last}, is intact (checkpoints are only written from finite weights)."
+    return "No checkpoint was written."
+
+
+def remove_if_no_checkpoint(folder) -> None:
+    """A run that this call started in a new folder and that failed before its first
+    checkpoint leaves no folder behind (only TensorBoard's empty start would be there)."""
+    if os.path.isdir(folder) and not any(name.endswith(".pth") for name in os.listdir(folder)):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_split(args, rt) -> int:
@@ -325,7 +363,7 @@ def test_split(args, rt) -> int:
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
     table = read_label_csv(args.test_csv_file, args.img_path, require_labels=False, require_images=False)
-    model, model_args = load_for_inference(path, rt.device)
+    model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
     _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
                                  batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
                                  contact_sheet=args.contact_sheet, title=f"test set ({path})",

@@ -4,11 +4,12 @@
     python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png' --predictions OUT
 
 Writes predictions.csv, pred.txt, and with labels metrics.json and scatter.png
-(design.md 3.5); with --contact_sheet K also contact_sheet.png.
+(README, "Formats"); with --contact_sheet K also contact_sheet.png.
 Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
 written); 2 bad usage or unreadable checkpoint/CSV.
 """
 import argparse
+import glob
 import os
 import sys
 
@@ -17,16 +18,19 @@ import torch
 from dataset import LabelFileError, find_images, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.labels import LabelTable
-from dataset.transforms import MAX_TTA
+from dataset.transforms import check_tta
 from engine.distributed import pick_device
-from fileio import OutputWriteError
+from engine.flags import HelpFormatter
 from engine.predictions import score_and_report
 from engine.runtime import Runtime, resolve_speed_flags
+from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
+from model.checkpoint import NORMALIZE_CHOICES
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.")
+    p = argparse.ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (epoch-N.pth, best.pth, last.pth) or the reference's released state_dict")
     p.add_argument("--test_csv", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
     p.add_argument("--test_images", required=True, help="image folder for --test_csv; otherwise one image, a folder (recursive) or a quoted glob")
@@ -34,6 +38,10 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     p.add_argument("--batch_size", type=int, default=64, help="network inputs per forward pass (under --tta N: N crops per image)")
     p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
+    p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
+                   help="for a bare state_dict only (the reference's release format, which does not record it): none for its "
+                        "2018-2020 release (epoch-82.pth, assumed by default), imagenet for its June 2021 release (epoch-34.pth); "
+                        "our checkpoints record their own")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
@@ -48,8 +56,12 @@ def get_args_parser():
 def load_inputs(args) -> tuple:
     """(table of images to score, ids to write). Raises LabelFileError / ValueError."""
     if args.test_csv:
+        if not os.path.isdir(args.test_images):
+            raise ValueError(f"--test_images {args.test_images}: no such folder (with --test_csv it is the folder of the images the CSV names)")
         table = read_label_csv(args.test_csv, args.test_images, require_labels=False, require_images=False)
         return table, table.ids
+    if not os.path.exists(args.test_images) and not glob.has_magic(args.test_images):
+        raise ValueError(f"--test_images {args.test_images}: no such file or folder (give an image, a folder or a quoted glob)")
     root, paths = find_images(args.test_images)
     if not paths:
         raise ValueError(f"--test_images {args.test_images!r}: no image files found (looked for {', '.join(('.jpg', '.png', '.webp', '...'))})")
@@ -61,14 +73,13 @@ def main(args) -> int:
     try:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
-        if not 1 <= args.tta <= MAX_TTA:
-            raise ValueError(f"--tta must be between 1 and {MAX_TTA}, got {args.tta}")
+        check_tta(args.tta)
         if args.contact_sheet < 0:
             raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
         check_max_pixels(args.max_image_pixels)
         device = pick_device(args.device)
         table, ids = load_inputs(args)
-        model, model_args = load_for_inference(args.model, device)
+        model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
     except (ValueError, LabelFileError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """REFERENCE-STYLE loops, kept only to be measured against ours in the same run.
 
 These reproduce how the reference implementation spent its time, written here from its
-description (design.md section 5 and 6), not from its code: float32 everywhere, an EMD
+description (README, "Deliberate differences from the reference"), not from its code: float32 everywhere, an EMD
 loss computed with Python loops over the samples and over the bins, a `.item()` after
 every training step, a plain DataLoader (no pinned memory, workers restarted every
 epoch), and inference one image at a time with the mean and standard deviation summed

@@ -1,4 +1,4 @@
-"""The paper's evaluation (design.md 3.6) from predicted and true distributions."""
+"""The paper's evaluation (README, "Evaluating like the paper") from predicted and true distributions."""
 import warnings
 
 import numpy as np
@@ -52,7 +52,7 @@ def score_metrics(pred_mean, true_mean, pred_std=None, true_std=None) -> dict:
 
 
 def compute_metrics(pred_dists, true_dists) -> dict:
-    """All of design.md 3.6 over (N, 10) predicted and true distributions, every row once."""
+    """All the metrics (README, "Evaluating like the paper") over (N, 10) predicted and true distributions, every row once."""
     pred = torch.as_tensor(np.asarray(pred_dists), dtype=torch.float64)
     true = torch.as_tensor(np.asarray(true_dists), dtype=torch.float64)
     if pred.shape != true.shape or pred.dim() != 2 or len(pred) == 0:

@@ -1,10 +1,12 @@
 """Checkpoint reading and writing.
 
-Two formats are read (design.md 3.1 and 3.2): the reference's released bare
-state_dict, and our dict with `model` and `model_args`. Every file is read with
-`weights_only=True`, so a checkpoint can never run code when it is loaded.
+Two formats are read (README, "Checkpoint formats"): the reference implementation's
+released bare state_dict, and our dict with `model` and `model_args`. Every file is
+read with `weights_only=True`, so a checkpoint can never run code when it is loaded.
 """
 import pickle
+import sys
+import zipfile
 
 import torch
 
@@ -31,17 +33,36 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return clean
 
 
+def _looks_like_torch_file(path) -> bool:
+    """torch.save writes a zip archive (torch >= 1.6) or, before that, a pickle stream
+    (first byte 0x80, the pickle protocol marker). Anything else is no checkpoint."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
+
+
 def read_checkpoint_file(path) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        is_torch_file = _looks_like_torch_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
-    except pickle.UnpicklingError as exc:
+    except IsADirectoryError:
+        raise CheckpointError(f"checkpoint {path}: a folder, not a checkpoint file") from None
+    except OSError as exc:
+        raise CheckpointError(f"checkpoint {path}: cannot be read: {exc.strerror or exc}") from None
+    if not is_torch_file:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint file (expected what torch.save writes: "
+                              f"one of our .pth checkpoints or the reference's released state_dict)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
         raise CheckpointError(
-            f"checkpoint {path} needs arbitrary unpickling (it holds objects other than tensors and "
-            f"plain Python values), so it was refused rather than executed: {str(exc).splitlines()[0]}") from exc
-    except Exception as exc:
-        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch file: {exc}") from exc
+            f"checkpoint {path} holds Python objects other than tensors and plain values (a pickled model or "
+            f"class), so it was refused rather than executed; save its state_dict() and load that") from None
+    except Exception as exc:  # a zip that is not a torch archive, a file cut short, ...
+        reason = str(exc).splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"checkpoint {path} is not a readable PyTorch checkpoint ({type(exc).__name__}: "
+                              f"{reason}); the file may be cut short or not a checkpoint at all") from None
 
 
 def is_released_state_dict(obj) -> bool:
@@ -49,20 +70,45 @@ def is_released_state_dict(obj) -> bool:
         str(k).startswith("features.") for k in obj)
 
 
-def load_for_inference(path, device="cpu"):
-    """Return (model in eval mode on `device`, model_args) from either checkpoint format."""
-    ckpt = read_checkpoint_file(path)
+NORMALIZE_CHOICES = ("imagenet", "none")
+
+
+def released_normalize_note(path) -> str:
+    return (f"note: {path} is a bare state_dict (the reference implementation's release format), which does not "
+            f"record its preprocessing; assumed --normalize none, right for the 2018-2020 release (epoch-82.pth). "
+            f"For the June 2021 release (epoch-34.pth), trained with ImageNet mean/std, pass --normalize imagenet")
+
+
+def read_model_state(ckpt, path, normalize=None) -> tuple:
+    """(weights, model_args, note) of a checkpoint dict in either format.
+
+    normalize: for a bare state_dict, which input normalisation it was trained with
+    ('none': the reference's 2018-2020 release; 'imagenet': its June 2021 release).
+    Nothing in such a file says which, so without it 'none' is assumed and `note` says
+    so. For our checkpoints the recorded value is used, and a different `normalize` is
+    an error naming both."""
+    if normalize is not None and normalize not in NORMALIZE_CHOICES:
+        raise CheckpointError(f"--normalize {normalize!r}: valid values are {', '.join(NORMALIZE_CHOICES)}")
     if is_released_state_dict(ckpt):
-        state = strip_wrapper_prefixes(ckpt)
-        # The released VGG16 was trained on ToTensor() inputs with no mean/std normalisation.
-        model_args = dict(default_model_args("vgg16"), normalize="none")
-    elif isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
-        state = strip_wrapper_prefixes(ckpt["model"])
-        model_args = ckpt["model_args"]
-    else:
-        raise CheckpointError(
-            f"checkpoint {path}: neither a NIMA training checkpoint (a dict with 'model' and "
-            f"'model_args') nor the reference's released state_dict (keys 'features.N.*', 'classifier.1.*')")
+        model_args = dict(default_model_args("vgg16"), normalize=normalize or "none")
+        return strip_wrapper_prefixes(ckpt), model_args, "" if normalize else released_normalize_note(path)
+    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
+        model_args = dict(ckpt["model_args"])
+        if normalize is not None and normalize != model_args["normalize"]:
+            raise CheckpointError(f"--normalize {normalize} contradicts {path}, which was trained with "
+                                  f"normalize {model_args['normalize']!r} (recorded in the checkpoint); drop the flag")
+        return strip_wrapper_prefixes(ckpt["model"]), model_args, ""
+    raise CheckpointError(
+        f"checkpoint {path}: neither a NIMA training checkpoint (a dict with 'model' and "
+        f"'model_args') nor the reference's released state_dict (keys 'features.N.*', 'classifier.1.*')")
+
+
+def load_for_inference(path, device="cpu", normalize=None):
+    """Return (model in eval mode on `device`, model_args) from either checkpoint format;
+    `normalize` as read_model_state's. The assumption note goes to stderr."""
+    state, model_args, note = read_model_state(read_checkpoint_file(path), path, normalize)
+    if note:
+        print(note, file=sys.stderr)
     model = build_model(model_args, pretrained="none")
     try:
         model.load_state_dict(state)

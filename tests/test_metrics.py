@@ -1,4 +1,4 @@
-"""The paper's evaluation (design.md 3.6): values against scipy, against the plain
+"""The paper's evaluation (README, "Evaluating like the paper"): values against scipy, against the plain
 definitions and hand-computed cases, on the reference's published predictions, and as
 main.py / test.py use them."""
 import json

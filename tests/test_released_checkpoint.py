@@ -1,4 +1,4 @@
-"""The reference's released checkpoint format (design.md 3.1) loads unchanged, and test.py
+"""The reference's released checkpoint format (README, "Formats") loads unchanged, and test.py
 scores with the preprocessing it was trained with."""
 import csv
 

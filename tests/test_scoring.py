@@ -17,7 +17,7 @@ EXIF_ORIENTATION = 0x0112
 
 
 def tiny_checkpoint(path, seed=0):
-    """A randomly initialised tiny_cnn NIMA saved in our checkpoint format (design.md 3.2)."""
+    """A randomly initialised tiny_cnn NIMA saved in our checkpoint format (README, "Formats")."""
     torch.manual_seed(seed)
     model_args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
     save_checkpoint(path, {"model": build_model(model_args).state_dict(), "model_args": model_args})

@@ -1,0 +1,189 @@
+"""A training run's checkpoint lifecycle, in one place: find what to resume, check that
+the resume's flags fit it, restore, warm start, save last.pth mid-epoch, and the
+end-of-epoch files (epoch-N.pth, best.pth, last.pth). Reading and writing the file
+formats is model/checkpoint.py's job; this module decides what goes in and when.
+
+A checkpoint is never written from a state whose loss or weights are non-finite, so
+"the last good checkpoint" is always a good one.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from model import CheckpointError, save_checkpoint, unwrap
+from model.checkpoint import read_checkpoint_file, read_model_state
+
+from .flags import plain_args
+from .optim import schedule_spec
+from .training import NonFiniteLossError
+
+HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}
+LOWER_IS_BETTER = {"val_emd", "val_emd_r1", "val_mae_mean", "val_rmse_mean"}
+MONITORS = sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)
+
+# Flags a resumed run must share with its checkpoint: with another value its numbers
+# would no longer be those of one run (another metric's best, other rates or batches).
+# The schedule (--decay, --lr_decay_rate, --lr_decay_freq) is checked as a whole.
+RESUME_MUST_MATCH = ("monitor", "conv_base_lr", "dense_lr", "train_batch_size")
+# Flags a resume may change (extend --epochs, more patience, other loaders): printed.
+RESUME_MAY_CHANGE = ("epochs", "early_stopping_patience", "seed", "val_batch_size", "num_workers",
+                     "save_every_steps", "strict_images", "train_csv_file", "val_csv_file", "img_path")
+
+
+class ResumeError(ValueError):
+    """A resume or warm start that does not fit its checkpoint (a usage error, exit 2)."""
+
+
+@dataclass
+class RunState:
+    epoch: int = 0                      # last completed epoch (1-based; 0 = none yet)
+    best_val_loss: float = math.inf     # best value of the monitored metric, sign-adjusted (lower is better)
+    epochs_without_improvement: int = 0
+    partial_epoch: dict = None          # EpochProgress of an unfinished epoch (mid-epoch checkpoint)
+
+    def improves(self, monitor: str, value: float) -> bool:
+        return math.isfinite(value) and signed(monitor, value) < self.best_val_loss
+
+    def end_epoch(self, epoch: int, monitor: str, value: float) -> bool:
+        """Record a completed epoch's monitored value; True when it is the best so far."""
+        improved = self.improves(monitor, value)
+        if improved:
+            self.best_val_loss, self.epochs_without_improvement = signed(monitor, value), 0
+        else:
+            self.epochs_without_improvement += 1
+        self.epoch, self.partial_epoch = epoch, None  # the epoch is whole now
+        return improved
+
+
+def signed(monitor: str, value: float) -> float:
+    """The monitored value as a loss: lower is better."""
+    return -value if monitor in HIGHER_IS_BETTER else value
+
+
+def run_schedule(args) -> dict:
+    return schedule_spec(args.decay, args.lr_decay_rate, args.lr_decay_freq)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint dict that --resume names, or None for a fresh start."""
+    if args.resume is None:
+        return None
+    path = os.path.join(args.ckpt_path, "last.pth") if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not os.path.exists(path):
+        return None
+    ckpt = read_checkpoint_file(path)
+    if not (isinstance(ckpt, dict) and "optimizer" in ckpt and "model_args" in ckpt):
+        raise ResumeError(f"--resume {path}: not a training checkpoint of ours (no optimizer state); "
+                          f"to start from the weights of a released model use --warm_start")
+    ckpt["path"] = path
+    return ckpt
+
+
+def check_resume_flags(ckpt: dict, args, log=print) -> None:
+    """Refuse a resume whose run-defining flags differ from the checkpoint's; print the
+    harmless differences. Checkpoints older than a recorded flag are not checked on it."""
+    saved, path = ckpt.get("args", {}), ckpt["path"]
+    saved_schedule = ckpt.get("schedule") or (schedule_spec(saved["decay"], saved["lr_decay_rate"], saved["lr_decay_freq"])
+                                             if "decay" in saved else None)
+    problems = []
+    if saved_schedule is not None and saved_schedule != run_schedule(args):
+        problems.append(f"learning-rate schedule: checkpoint {_describe_schedule(saved_schedule)}, "
+                        f"flags {_describe_schedule(run_schedule(args))}")
+    monitor = ckpt.get("monitor", saved.get("monitor"))
+    for name in RESUME_MUST_MATCH:
+        old = monitor if name == "monitor" else saved.get(name)
+        if old is not None and old != getattr(args, name):
+            problems.append(f"--{name}: checkpoint {old}, flags {getattr(args, name)}")
+    if problems:
+        raise ResumeError(f"--resume {path}: these flags differ from the run being resumed, whose numbers would "
+                          f"no longer be one run's: " + "; ".join(problems) + ". Pass the checkpoint's values, or "
+                          f"start a new run from its weights (--warm_start, in another --ckpt_path)")
+    changed = [f"--{n} {saved[n]} -> {getattr(args, n)}" for n in RESUME_MAY_CHANGE
+               if n in saved and saved[n] != getattr(args, n)]
+    if changed:
+        log(f"resuming with changed flags: {', '.join(changed)}")
+
+
+def _describe_schedule(spec: dict) -> str:
+    if spec["kind"] == "constant":
+        return "constant (no --decay)"
+    return f"--decay --lr_decay_rate {spec['gamma']} --lr_decay_freq {spec['step_size']}"
+
+
+def restore(ckpt: dict, model, optimizer, scheduler, rank: int = 0) -> RunState:
+    """Load a resumed checkpoint into the model, optimiser and scheduler."""
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler"):
+        scheduler.load_state_dict(ckpt["scheduler"])
+    partial = ckpt.get("partial_epoch")
+    if partial and rank != 0:
+        # The saved loss sum and count are rank 0's: counted once (by rank 0), not once per rank.
+        partial = dict(partial, loss_sum=0.0, loss_count=0)
+    return RunState(ckpt["epoch"], ckpt["best_val_loss"], ckpt["epochs_without_improvement"], partial)
+
+
+def read_warm_start(args):
+    """(path, weights, model_args, note) of --warm_start's epoch-<warm_start_epoch>.pth,
+    ours or a released bare state_dict. Its model arguments are the checkpoint's, so the
+    model keeps training on the inputs it was trained on."""
+    path = os.path.join(args.ckpt_path, f"epoch-{args.warm_start_epoch}.pth")
+    weights, model_args, note = read_model_state(read_checkpoint_file(path), path, normalize=args.normalize)
+    return path, weights, model_args, note
+
+
+def load_warm_start(model, weights: dict, path, base_model: str) -> None:
+    """Only the weights (the reference's warm start); the optimiser starts anew."""
+    try:
+        unwrap(model).load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--warm_start: {path} does not fit a {base_model} NIMA: {exc}") from exc
+
+
+def check_finite(model, progress=None) -> None:
+    """Raise NonFiniteLossError when the loss so far or any weight is NaN or infinite."""
+    if progress is not None and not math.isfinite(progress.sync().loss_sum):
+        raise NonFiniteLossError(f"loss became {progress.loss_sum} by step {progress.steps}")
+    for name, p in unwrap(model).named_parameters():
+        if not bool(torch.isfinite(p).all()):
+            raise NonFiniteLossError(f"weight {name} became non-finite")
+
+
+class RunCheckpoints:
+    """The checkpoint files of one run in ckpt_dir. Only rank 0 makes one."""
+
+    def __init__(self, ckpt_dir, args, model_args, model, optimizer, scheduler):
+        self.ckpt_dir, self.args, self.model_args = ckpt_dir, args, dict(model_args)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+    def state_dict(self, state: RunState) -> dict:
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "schedule": run_schedule(self.args),
+                "epoch": state.epoch, "best_val_loss": state.best_val_loss,
+                "epochs_without_improvement": state.epochs_without_improvement,
+                "partial_epoch": state.partial_epoch, "monitor": self.args.monitor,
+                "args": plain_args(self.args), "model_args": dict(self.model_args)}
+
+    def save_last(self, state: RunState, progress) -> None:
+        """last.pth in the middle of an epoch (every --save_every_steps, or on a signal)."""
+        check_finite(self.model, progress)
+        state.partial_epoch = progress.to_dict()
+        save_checkpoint(self._path("last.pth"), self.state_dict(state))
+
+    def end_epoch(self, state: RunState, improved: bool) -> None:
+        """last.pth always; epoch-N.pth (the reference's name) and best.pth when the
+        monitored metric improved. Each file is written atomically, last.pth last: a run
+        killed in between resumes from the previous epoch and rewrites the others,
+        instead of going on from a last.pth whose best.pth was never written."""
+        check_finite(self.model)
+        ckpt = self.state_dict(state)
+        if improved:
+            save_checkpoint(self._path(f"epoch-{state.epoch}.pth"), ckpt)
+            save_checkpoint(self._path("best.pth"), ckpt)
+        save_checkpoint(self._path("last.pth"), ckpt)
+
+    def _path(self, name):
+        return os.path.join(self.ckpt_dir, name)
