@@ -12,7 +12,7 @@ from engine.gpu_decode import device_decode_loader
 from engine.inference import predict, score_images
 from engine.loaders import make_loader
 from engine.metrics import mean_and_std
-from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
+from engine.runtime import Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from engine.training import EpochProgress, train_one_epoch
 from model import build_model, emd_per_sample
 
@@ -31,6 +31,12 @@ def variant_name(amp: bool, channels_last: bool, compiled: bool = False, loader:
     parts = (["bf16"] if amp else []) + (["channels_last"] if channels_last else []) + (["compile"] if compiled else [])
     return "ours " + ("+".join(parts) or "fp32") + {"": "", "float": "", "uint8": ", uint8 loader",
                                                      "device_decode": ", device decode"}[loader]
+
+
+def reference_backends() -> None:
+    """torch's defaults, which the reference kept: no cuDNN autotuning, TF32 convolutions."""
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = True
 
 
 class Bench:
@@ -150,7 +156,7 @@ class Bench:
         args, B = self.args, self.args.batch_size
         total = args.warmup + args.steps
         images, targets = torch.randn(B, *self.shape, device=self.device), self.targets(B).to(self.device)
-        torch.backends.cudnn.benchmark = False  # the reference never turned it on
+        reference_backends()
         model = self.model()
         timer = TimedBatches(repeat({"image": images, "target": targets}, total), total, args.warmup, B)
         reference_train_steps(model, self.optimizer(model), timer, self.device)
@@ -174,8 +180,8 @@ class Bench:
     def _train_ours(self, source, total, amp, channels_last, compiled):
         """Our training step (engine.training.train_one_epoch) as main.py sets it up."""
         args = self.args
-        torch.backends.cudnn.benchmark = self.cuda
         rt = self.runtime(amp, channels_last)  # uint8 batches are converted whatever its flag says
+        configure_backends(rt)  # as main.py and test.py set them
         model = self.model(channels_last)
         net = torch.compile(model) if compiled else model
         timer = TimedBatches(source, total, args.warmup, args.batch_size)
@@ -189,7 +195,7 @@ class Bench:
         args, B = self.args, self.args.infer_batch_size
         n = -(-args.infer_images // B) * B  # whole batches: a smaller last one would recompile
         images = torch.randn(n, *self.shape, device=self.device)
-        torch.backends.cudnn.benchmark = False
+        reference_backends()
         model = self.model()
         reference_predict_tensors(model, images[:max(args.warmup, 1)])
         _, seconds = timed(lambda: reference_predict_tensors(model, images), self.device)
@@ -197,9 +203,9 @@ class Bench:
         del model
         batches = [{"index": torch.arange(i, i + B), "image": images[i:i + B], "ok": torch.ones(B, dtype=torch.bool),
                     "error": [""] * B} for i in range(0, n, B)]
-        torch.backends.cudnn.benchmark = self.cuda
         for amp, cl, comp in self.variants():
             rt = self.runtime(amp, cl)
+            configure_backends(rt)
             model = self.model(cl)
             net = torch.compile(model) if comp else model
             predict(net, batches[:1], rt)  # warm-up: cuDNN autotuning, compilation
@@ -215,7 +221,7 @@ class Bench:
         total = args.warmup + args.steps
         originals = self.data["original"]
         # Reference: a plain DataLoader (no pinned memory, workers restarted each epoch).
-        torch.backends.cudnn.benchmark = False
+        reference_backends()
         plain = torch.utils.data.DataLoader(self.train_dataset(originals), batch_size=B, num_workers=args.workers,
                                             sampler=self.sampler(len(originals), total * B))
         model = self.model()
@@ -243,16 +249,16 @@ class Bench:
 
     def infer_jpeg(self):
         args = self.args
-        torch.backends.cudnn.benchmark = False
+        reference_backends()
         model = self.model()
         paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(self.data["original"]))]
         reference_predict_files(model, self.model_args, paths[:1], self.device)
         _, seconds = timed(lambda: reference_predict_files(model, self.model_args, paths, self.device), self.device)
         base = self.record("infer_jpeg", "reference", "original", {"images_per_s": len(paths) / seconds}, batch_size=1)
         del model
-        torch.backends.cudnn.benchmark = self.cuda
         amp, cl = self.default_flags
         rt = self.runtime(amp, cl)
+        configure_backends(rt)
         model = self.model(cl).eval()
         with torch.no_grad(), rt.autocast():  # warm-up: cuDNN autotuning for the batch shape
             model(rt.images_to_device(torch.zeros(args.infer_batch_size, *self.shape)))

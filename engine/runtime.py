@@ -61,6 +61,19 @@ def resolve_speed_flags(amp: str, channels_last: str, device: torch.device) -> t
     return use_amp, use_cl
 
 
+def configure_backends(rt: Runtime) -> None:
+    """Process-wide settings for a run on rt.device. On CUDA: cudnn.benchmark (every batch
+    has the same shape, so cuDNN autotunes once), and with bf16 autocast off, float32
+    convolutions in IEEE float32: cuDNN's default runs them in TF32 (a 10-bit mantissa),
+    which would keep `--amp off` from matching the CPU's float32 predictions. Nothing to
+    set on CPU."""
+    if rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        # The legacy switch, not cudnn.conv.fp32_precision: it exists on every torch this
+        # runs on, and mixing the two APIs makes torch refuse to read the flag.
+        torch.backends.cudnn.allow_tf32 = rt.amp
+
+
 UINT8_TRANSFER_CHOICES = ("auto", "on", "off")
 
 

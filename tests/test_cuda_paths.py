@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import run_main, run_test, tiny_train_args
-from engine.runtime import Runtime, resolve_speed_flags
+from engine.runtime import Runtime, configure_backends, resolve_speed_flags
 from engine.training import EpochProgress, train_one_epoch
 from model import build_model, default_model_args, emd_per_sample
 
@@ -96,7 +96,41 @@ def test_main_and_test_py_with_speed_flags_on_cpu(demo_data, tmp_path):
     assert np.abs(preds["on"][:, 0] - preds["off"][:, 0]).max() < 0.05
 
 
+def test_configure_backends_leaves_cpu_runs_alone():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    configure_backends(Runtime(torch.device("cpu"), amp=False, show_progress=False))
+    assert (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32) == before
+
+
 # ----- CUDA: skipped without a GPU -----
+
+@needs_cuda
+def test_configure_backends_on_cuda():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    try:
+        configure_backends(Runtime(torch.device("cuda"), amp=True, show_progress=False))
+        assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+        configure_backends(Runtime(torch.device("cuda"), amp=False, show_progress=False))
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before
+
+
+@needs_cuda
+def test_cuda_float32_predictions_equal_cpu_to_1e5():
+    """With autocast off, IEEE float32 convolutions on CUDA give the CPU's outputs."""
+    before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
+    try:
+        configure_backends(Runtime(torch.device("cuda"), amp=False, show_progress=False))
+        x = torch.rand(8, 3, SIZE, SIZE)
+        with torch.no_grad():
+            cpu = tiny_model("cpu").eval()(x)
+            cuda = tiny_model("cuda").eval()(x.cuda()).cpu()
+        print(f"float32 CUDA vs CPU: max abs difference {(cuda - cpu).abs().max().item():.3g}")
+        assert torch.allclose(cuda, cpu, atol=1e-5, rtol=0)
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before
+
 
 @needs_cuda
 def test_resolve_speed_flags_on_cuda():
