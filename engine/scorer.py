@@ -47,12 +47,13 @@ class Scorer:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = 32, amp="auto",
-                        max_image_pixels=None) -> "Scorer":
+                        max_image_pixels=None, normalize=None) -> "Scorer":
         """Either checkpoint format (ours or the reference's released state_dict).
         device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp;
-        max_image_pixels as its --max_image_pixels (None: Pillow's limit)."""
+        max_image_pixels as its --max_image_pixels (None: Pillow's limit); normalize as its
+        --normalize ('none' or 'imagenet', for a bare state_dict: which release it is)."""
         device = pick_device(device)
-        model, model_args = load_for_inference(path, device)
+        model, model_args = load_for_inference(path, device, normalize=normalize)
         use_amp, channels_last = resolve_speed_flags(amp, "auto", device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -68,17 +69,34 @@ class Scorer:
             return self._score_many(list(images))
         return self._score_many([images])[0]
 
+    def preprocess(self, rgb: Image.Image) -> torch.Tensor:
+        """An upright RGB image, as dataset.images.load_rgb returns it, -> the network input:
+        (3, H, W), or (tta, 3, H, W) under TTA. Stateless, so decoding threads may call it
+        at the same time (the scoring service does)."""
+        return self.transform(rgb)
+
+    def score_tensors(self, inputs) -> list:
+        """preprocess() outputs (a list, or already stacked) -> their Scores in order, in one
+        forward pass: the caller bounds the batch (the service's --max_batch)."""
+        images = inputs if isinstance(inputs, torch.Tensor) else torch.stack(list(inputs))
+        n = len(images)
+        batch = {"index": torch.arange(n), "image": images, "ok": torch.ones(n, dtype=torch.bool), "error": [""] * n}
+        return self._scores([batch])
+
     def _batches(self, images: list):
         """Batches shaped like the DataLoader's that predict() takes, decoded one batch at
         a time so that a long list never sits in memory as tensors."""
         step = images_per_batch(self.batch_size, self.tta)
         for start in range(0, len(images), step):
-            chunk = [self.transform(self._rgb(item)) for item in images[start:start + step]]
+            chunk = [self.preprocess(self._rgb(item)) for item in images[start:start + step]]
             yield {"index": torch.arange(start, start + len(chunk)), "image": torch.stack(chunk),
                    "ok": torch.ones(len(chunk), dtype=torch.bool), "error": [""] * len(chunk)}
 
     def _score_many(self, images: list) -> list:
-        _, dists, _ = predict(self.model, self._batches(images), self.rt, desc="score")
+        return self._scores(self._batches(images))
+
+    def _scores(self, batches) -> list:
+        _, dists, _ = predict(self.model, batches, self.rt, desc="score")
         means, stds = mean_and_std(dists)
         return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
 
