@@ -18,10 +18,12 @@ def _fmt(x: float) -> str:
     return f"{x:.6f}"
 
 
-def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=()) -> dict:
+def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=(), model_args=None) -> dict:
     """Write predictions.csv, pred.txt, metrics.json (with labels), errors.csv (when some
     inputs failed) and warnings.csv (path, warning: scored images whose decoder warned)
-    into `out_dir`, replacing a previous run's files. Returns the metrics ({} without labels)."""
+    into `out_dir`, replacing a previous run's files. Returns the metrics ({} without labels).
+    model_args: recorded in metrics.json (key `model_args`), so the preprocessing a score
+    was made with (normalize, sizes) stays with it."""
     os.makedirs(out_dir, exist_ok=True)
     pred_mean, pred_std = mean_and_std(pred_dists)
     has_gt = true_dists is not None and len(ids) > 0
@@ -41,7 +43,8 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
     atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
     atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
     metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
-    write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, metrics))
+    record = dict(metrics, **({"model_args": dict(model_args)} if model_args else {}))
+    write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, record))
     err = io.StringIO()
     csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])
     write_or_remove(os.path.join(out_dir, "errors.csv"), len(errors) > 0, lambda p: atomic_write_text(p, err.getvalue()))
@@ -67,7 +70,7 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
         return {}, errors
     warned = [(table.paths[i], text) for i, text in warned_at]
     true = None if table.dists is None else np.asarray(table.dists)[indices]
-    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned)
+    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args)
     gt_mean = mean_and_std(true)[0] if metrics else None
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
                                      mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)

@@ -124,6 +124,7 @@ def test_ddp_metrics_equal_single_process_evaluation(ddp_run, demo_data, tmp_pat
     single = json.loads((out / "metrics.json").read_text())
     ddp = json.loads((ckpt / "test" / "metrics.json").read_text())
     assert ddp.keys() == single.keys() and ddp["n"] == 9
+    assert ddp.pop("model_args") == single.pop("model_args")
     assert_same_metrics(single, ddp)
     ddp_rows, single_rows = (list(csv.reader(f.read_text().splitlines()))
                              for f in (ckpt / "test" / "predictions.csv", out / "predictions.csv"))

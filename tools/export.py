@@ -1,8 +1,9 @@
 """Export a trained NIMA model for deployment without this repository (or without
 PyTorch, for ONNX).
 
-    python tools/export.py --model runs/demo/best.pth --format onnx --out nima.onnx
-    python tools/export.py --model runs/demo/best.pth --format torchscript --out nima.pt
+    python -m tools.export --model runs/demo/best.pth --format onnx --out nima.onnx
+    python -m tools.export --model runs/demo/best.pth --format torchscript --out nima.pt
+    python -m tools.export --model epoch-34.pth --normalize imagenet --format onnx --out nima.onnx
 
 The exported model takes a float32 batch of preprocessed images (N, 3, H, W), any N,
 and returns the predicted distribution over the ratings 1..10 (N, 10). FILE.json
@@ -21,15 +22,14 @@ import os
 import sys
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python tools/export.py`
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from fileio import OutputWriteError, atomic_path, atomic_write_json  # noqa: E402
-from model import CheckpointError, load_for_inference  # noqa: E402
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+from engine.flags import HelpFormatter
+from fileio import OutputWriteError, atomic_path, atomic_write_json
+from model import CheckpointError, load_for_inference
+from model.checkpoint import NORMALIZE_CHOICES
+from model.nima import NUM_BINS
 
 # onnxscript: torch.onnx's exporter builds the graph with it.
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
@@ -49,9 +49,13 @@ class ParityError(Exception):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Export a NIMA checkpoint to ONNX or TorchScript, checked against PyTorch.")
+    p = argparse.ArgumentParser(description="Export a NIMA checkpoint to ONNX or TorchScript, checked against PyTorch.",
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours or the reference's released state_dict")
-    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
+                   help="for a bare state_dict only: none (the reference's 2018-2020 release, assumed by default) or "
+                        "imagenet (its June 2021 release); our checkpoints record their own")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="what to export to")
     p.add_argument("--out", required=True, help="output file (FILE.json is written beside it)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18: onnxruntime >= 1.14 and most runtimes run it)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest allowed |export - PyTorch| on the check inputs")
@@ -116,7 +120,7 @@ def preprocessing(model_args: dict, fmt: str, checkpoint: str, diff: float) -> d
         "format": fmt,
         "input": {"name": "images", "shape": ["batch", 3, model_args["image_size"], model_args["image_size"]],
                   "dtype": "float32", "layout": "NCHW, RGB"},
-        "output": {"name": "distribution", "shape": ["batch", 10], "dtype": "float32",
+        "output": {"name": "distribution", "shape": ["batch", NUM_BINS], "dtype": "float32",
                    "meaning": "probabilities of the ratings 1..10; each row sums to 1"},
         "preprocessing": {
             "resize_size": model_args["resize_size"],
@@ -124,9 +128,10 @@ def preprocessing(model_args: dict, fmt: str, checkpoint: str, diff: float) -> d
             "interpolation": "bilinear", "antialias": True,
             "image_size": model_args["image_size"], "crop": "centre crop image_size x image_size",
             "scale": "pixel / 255, into [0, 1]",
-            "normalize": normalize,  # None: the [0, 1] pixels go in as they are (the released VGG16)
+            "normalize": normalize,  # None: the [0, 1] pixels go in as they are (the reference's 2018-2020 release)
+            "normalization": model_args["normalize"],  # the name: 'imagenet' or 'none'
         },
-        "rating_bins": list(range(1, 11)),
+        "rating_bins": list(range(1, NUM_BINS + 1)),
         "score": "mean = sum_i i * p_i; spread = sqrt(sum_i p_i * (i - mean)^2)",
         "model_args": model_args,
         "source_checkpoint": os.path.abspath(checkpoint),
@@ -145,7 +150,7 @@ def main(args) -> int:
         print(f"error: --atol must be > 0, got {args.atol}", file=sys.stderr)
         return 2
     try:
-        model, model_args = load_for_inference(args.model)
+        model, model_args = load_for_inference(args.model, normalize=args.normalize)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
