@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import torch
 
-from dataset import EpochShuffleSampler, ImageDataset, LabelFileError, ShardSampler, read_label_csv, train_transform
+from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, read_label_csv, train_transform
 from dataset.images import DEFAULT_MAX_PIXELS
 from dataset.transforms import check_tta
 from engine import distributed
@@ -182,7 +182,7 @@ def main(args) -> int:
     try:
         check_usage(args)
         dist_info, device = distributed.setup(args.device, args.dist_timeout)
-    except (UsageError, ValueError) as exc:
+    except ValueError as exc:  # UsageError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
@@ -197,7 +197,7 @@ def main(args) -> int:
             distributed.barrier(rt.dist)  # every rank must read the best.pth rank 0 has just written
             code = test_split(args, rt)
         return code
-    except (UsageError, ValueError, LabelFileError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:  # ResumeError is a ValueError
+    except (ValueError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:  # ValueError: UsageError, ResumeError, LabelFileError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

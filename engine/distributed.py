@@ -117,15 +117,6 @@ def gather_objects(info: DistInfo, obj) -> list:
     return out
 
 
-def broadcast_object(info: DistInfo, obj):
-    """Rank 0's `obj` on every rank, so all ranks take the same decision."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def all_reduce_sum(info: DistInfo, values: list) -> list:
     if not info.enabled:
         return values

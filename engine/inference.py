@@ -5,6 +5,7 @@ import torch
 from tqdm import tqdm
 
 from dataset import ImageDataset, ShardSampler, TTACrops, eval_transform
+from model.nima import NUM_BINS
 
 from .distributed import gather_objects
 from .loaders import make_loader
@@ -71,14 +72,14 @@ def predict(model, loader, rt, desc="predict", warned=None):
                     warned.append((i, warn))
             else:
                 errors.append((i, err))
-    return indices, (np.stack(dists) if dists else np.zeros((0, 10))), errors
+    return indices, (np.stack(dists) if dists else np.zeros((0, NUM_BINS))), errors
 
 
 def gather_predictions(rt, indices, dists, errors):
     """All ranks' predictions, each item once, ordered by dataset index."""
     parts = gather_objects(rt.dist, (indices, dists, errors))
     indices = [i for p in parts for i in p[0]]
-    dists = np.concatenate([p[1] for p in parts]) if indices else np.zeros((0, 10))
+    dists = np.concatenate([p[1] for p in parts]) if indices else np.zeros((0, NUM_BINS))
     errors = sorted(e for p in parts for e in p[2])
     order = np.argsort(indices, kind="stable")
     return [indices[k] for k in order], dists[order], errors

@@ -5,6 +5,10 @@ import torch.nn as nn
 from .registry import get_backbone
 
 
+# The ratings 1..10 of AVA: the length of every predicted and true distribution.
+NUM_BINS = 10
+
+
 class Softmax32(nn.Module):
     """Softmax over the bins, computed in float32 even under autocast."""
 
@@ -14,7 +18,7 @@ class Softmax32(nn.Module):
 
 class NIMA(nn.Module):
     def __init__(self, features: nn.Module, pool: nn.Module, num_features: int,
-                 num_classes: int = 10, dropout: float = 0.75, hidden: nn.Sequential = None):
+                 num_classes: int = NUM_BINS, dropout: float = 0.75, hidden: nn.Sequential = None):
         super().__init__()
         self.features = features
         self.pool = pool
@@ -44,7 +48,7 @@ HEADS = ("reference", "paper")
 
 def default_model_args(base_model: str = "vgg16") -> dict:
     spec = get_backbone(base_model)
-    return {"base_model": base_model, "num_classes": 10, "dropout": 0.75, "image_size": spec.image_size,
+    return {"base_model": base_model, "num_classes": NUM_BINS, "dropout": 0.75, "image_size": spec.image_size,
             "resize_size": spec.resize_size, "normalize": spec.normalize, "head": "reference"}
 
 
