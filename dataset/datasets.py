@@ -9,9 +9,22 @@ Decoder warnings are caught per image and travel with the sample (`warning`).
 """
 import torch
 from torch.utils.data import Dataset
+from torchvision import transforms as T
 
-from .images import ImageReadError, check_max_pixels, read_rgb
+from .images import ImageReadError, check_max_pixels, check_resizable, read_rgb
 from .labels import NUM_BINS
+
+
+def resize_target(transform):
+    """The shorter side a transform resizes to (a torchvision Resize(int) step, as in
+    dataset.transforms), or None when it has none."""
+    steps = list(getattr(transform, "transforms", ())) + [getattr(transform, "resize", None)]
+    for step in steps:
+        if isinstance(step, T.Resize):
+            size = step.size
+            if isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1):
+                return size if isinstance(size, int) else size[0]
+    return None
 
 
 class ImageDataset(Dataset):
@@ -25,7 +38,9 @@ class ImageDataset(Dataset):
         self.dists = None if dists is None else torch.as_tensor(dists, dtype=torch.float32)
         self.transform = transform
         self.image_shape = tuple(image_shape)  # of a blank stand-in for an unreadable image
+        self.blank_dtype = getattr(transform, "output_dtype", torch.float32)
         self.max_pixels = check_max_pixels(max_pixels)
+        self.resize_to = resize_target(transform)
 
     def __len__(self):
         return len(self.paths)
@@ -40,14 +55,20 @@ class ImageDataset(Dataset):
         warning = ""
         try:
             rgb, warning = read_rgb(self.paths[index], self.max_pixels)
+            if self.resize_to:  # before the resize allocates it
+                check_resizable(rgb.size, self.resize_to, self.max_pixels)
             image = self.transform(rgb)
             ok, error = True, ""
         except ImageReadError as exc:
-            image, ok, error = torch.zeros(self.image_shape), False, str(exc)
+            image, ok, error = self.blank(), False, str(exc)
         except Exception as exc:  # noqa: BLE001 - the transforms on an odd image: one unreadable sample, not a dead worker
-            image, ok, error = torch.zeros(self.image_shape), False, f"cannot transform: {type(exc).__name__}: {exc}"[:200]
+            image, ok, error = self.blank(), False, f"cannot transform: {type(exc).__name__}: {exc}"[:200]
         return {"index": index, "image": image, "target": target, "ok": ok, "error": error,
                 "warning": warning if ok else ""}
+
+    def blank(self) -> torch.Tensor:
+        """The stand-in for an unreadable image: zeros of the readable ones' shape and dtype."""
+        return torch.zeros(self.image_shape, dtype=self.blank_dtype)
 
     @classmethod
     def from_table(cls, table, transform, image_shape, max_pixels=None):

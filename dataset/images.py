@@ -22,9 +22,9 @@ class ImageReadError(Exception):
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale to 8 bits instead of clipping everything above 255 to white.
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max(initial=0.0)), 1.0)
-        img = Image.fromarray(np.clip(a * (255.0 / top), 0, 255).astype(np.uint8))
+        img = Image.fromarray((np.clip(a / top, 0.0, 1.0) * 255.0).astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -49,6 +49,20 @@ def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
+
+
+def _reason(exc: Exception) -> str:
+    """The short reason an exception raised while reading an image gives."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    if isinstance(exc, Image.UnidentifiedImageError):
+        return "not an image Pillow can identify"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"too large: {exc} (raise --max_image_pixels to accept it)"
+    if isinstance(exc, (OSError, ValueError, SyntaxError)):  # Pillow's own messages say enough
+        text = " ".join(str(exc).split())[:MAX_REASON_CHARS] or type(exc).__name__
+        return "truncated image" if "truncated" in text else f"undecodable: {text}"
+    return f"undecodable: {_short(exc)}"
 
 
 def _remaining_bytes(source):
@@ -91,17 +105,8 @@ def _open_and(source, read, max_pixels=None):
                 result = read(img)
         except ImageReadError:
             raise
-        except FileNotFoundError:
-            raise ImageReadError("file not found") from None
-        except Image.UnidentifiedImageError:
-            raise ImageReadError("not an image Pillow can identify") from None
-        except Image.DecompressionBombError as exc:
-            raise ImageReadError(f"too large: {exc} (raise --max_image_pixels to accept it)") from None
-        except (OSError, ValueError, SyntaxError) as exc:
-            text = " ".join(str(exc).split())[:MAX_REASON_CHARS] or type(exc).__name__
-            raise ImageReadError("truncated image" if "truncated" in text else f"undecodable: {text}") from None
         except Exception as exc:  # noqa: BLE001 - any decoder failure is one unreadable image, never a lost run
-            raise ImageReadError(f"undecodable: {_short(exc)}") from None
+            raise ImageReadError(_reason(exc)) from None
     texts = dict.fromkeys(f"{w.category.__name__}: {' '.join(str(w.message).split())}" for w in caught)
     warning = "; ".join(texts)
     return result, (warning if len(warning) <= MAX_REASON_CHARS else warning[:MAX_REASON_CHARS - 3] + "...")
@@ -110,15 +115,30 @@ def _open_and(source, read, max_pixels=None):
 def upright_rgb(img) -> Image.Image:
     """A decoded image as the model sees it: EXIF orientation applied, any mode converted
     to RGB. The frame is the one the image is at: a freshly opened file is at its first
-    frame (a PSD's is 1, not 0), and an ICO/ICNS opens at its largest size. For files use
-    load_rgb, which also maps failures to reasons."""
-    img.load()
+    frame (a PSD's is 1, not 0), and an ICO/ICNS opens at its largest size. Raises
+    ImageReadError with a short reason, whatever failed. For files use load_rgb."""
     try:
-        upright = ImageOps.exif_transpose(img)
-    except Exception as exc:  # noqa: BLE001 - damaged EXIF: the pixels are fine, keep them unrotated
-        warnings.warn(f"EXIF orientation unreadable, image used as stored ({_short(exc)})")
-        upright = img
-    return _to_rgb(upright)
+        img.load()
+        try:
+            upright = ImageOps.exif_transpose(img)
+        except Exception as exc:  # noqa: BLE001 - damaged EXIF: the pixels are fine, keep them unrotated
+            warnings.warn(f"EXIF orientation unreadable, image used as stored ({_short(exc)})")
+            upright = img
+        return _to_rgb(upright)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is one unreadable image
+        raise ImageReadError(_reason(exc)) from None
+
+
+def check_resizable(size, shorter_side, max_pixels=None) -> None:
+    """Raise ImageReadError when resizing an image of `size` (width, height) to
+    `shorter_side` would exceed --max_image_pixels: a 1 x 100000 strip is small, but
+    its resize to a 256-pixel shorter side is 25.6 million pixels wide."""
+    limit = check_max_pixels(max_pixels)
+    short, long = sorted(size)
+    resized = shorter_side * max(shorter_side, -(-long * shorter_side // max(short, 1)))
+    if resized > limit:
+        raise ImageReadError(f"too elongated: {size[0]}x{size[1]} resized to a shorter side of {shorter_side} "
+                             f"is {resized} pixels, above --max_image_pixels {limit}")
 
 
 def _verified_size(img) -> tuple:
@@ -141,6 +161,12 @@ def load_rgb(source, max_pixels=None) -> Image.Image:
     None is Pillow's default limit. Decoder warnings are swallowed (read_rgb returns
     them). Raises ImageReadError with a short reason for anything that cannot be used."""
     return _open_and(source, upright_rgb, max_pixels)[0]
+
+
+def header_size(source, max_pixels=None) -> tuple:
+    """(width, height) as the header states it, nothing decoded or verified: the cheapest
+    look. Raises ImageReadError like load_rgb."""
+    return _open_and(source, lambda img: img.size, max_pixels)[0]
 
 
 def read_image_size(path, max_pixels=None) -> tuple:

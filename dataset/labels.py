@@ -3,11 +3,16 @@
 The numbers may be vote counts or probabilities; each row is normalised to sum 1.
 A header row is recognised (its rating cells are not numbers) and skipped; every
 other row is kept or reported. All problems of a file are reported together, each
-with its line and column, before any training starts.
+with its line and column, before any training starts. Whatever bytes the file holds,
+the result is a valid table or a LabelFileError: UTF-8 with or without a BOM, and
+LF, CRLF or CR line ends are read; UTF-16 and other encodings are reported.
+
+label_rows() is the one row parser: read_label_csv and tools/check_images.py use it.
 """
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -79,6 +84,84 @@ def _parse_number(text):
     return value
 
 
+def show_cell(text: str, width: int = 40) -> str:
+    """repr of a cell, cut short: a problem list stays readable whatever the file holds."""
+    return repr(text) if len(text) <= width else repr(text[:width]) + f"... ({len(text)} characters)"
+
+
+def split_lines(data):
+    """Lines of `data` (str or bytes) with their ends, split at LF, CRLF or CR: the lines
+    the csv module counts, so that its line numbers index this list (from 1)."""
+    pattern = r"(?<=\n)|(?<=\r)(?!\n)"
+    parts = re.split(pattern.encode() if isinstance(data, bytes) else pattern, data)
+    return parts[:-1] if parts and not parts[-1] else parts
+
+
+def read_label_text(csv_path) -> str:
+    """The text of a label CSV; raises LabelFileError (line 0 for the file, else the line
+    of the first byte that is not UTF-8)."""
+    if not os.path.isfile(csv_path):
+        raise LabelFileError(csv_path, ["0: no such file"])
+    try:
+        with open(csv_path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise LabelFileError(csv_path, [f"0: cannot read the file: {exc.strerror or exc}"]) from None
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise LabelFileError(csv_path, ["1: the file is UTF-16 text; save it as UTF-8 (or plain ASCII)"])
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = len(split_lines(data[:exc.start] + b"x"))
+        raise LabelFileError(csv_path, [f"{line}: byte {data[exc.start]:#04x} is not UTF-8 text; save the file as UTF-8"]) from None
+
+
+def is_header(cells) -> bool:
+    """A first row whose rating cells are not numbers: column names, not data."""
+    return len(cells) > 1 and all(_parse_number(c) is None for c in cells[1:])
+
+
+@dataclass
+class LabelRow:
+    first_line: int   # 1-based; a quoted cell may span lines
+    last_line: int
+    cells: list       # stripped cells; empty when `error` is set
+    error: str = ""   # the csv module's complaint (a cell over its size limit, ...)
+
+
+def label_rows(text: str):
+    """LabelRows of a label CSV's text, skipping blank lines and a header row."""
+    reader = csv.reader(split_lines(text))
+    previous, first = 0, True
+    while True:
+        try:
+            cells = next(reader)
+            error = ""
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            cells, error = [], str(exc)
+        start, previous = previous + 1, reader.line_num
+        cells = [c.strip() for c in cells]
+        if not error and (not cells or all(c == "" for c in cells)):
+            continue
+        if first and not error:
+            first = False
+            if is_header(cells):
+                continue
+        first = False
+        yield LabelRow(start, previous, cells, error)
+
+
+def expected_path(index: "ImageIndex", image_id: str) -> tuple:
+    """(path, found) of an image id: the file it names, or where it is expected
+    (<img_path>/<id>.jpg when the id has no image extension)."""
+    path = index.resolve(image_id)
+    if path is not None:
+        return path, True
+    return os.path.join(index.img_path, image_id if is_image_file(image_id) else image_id + ".jpg"), False
+
+
 def read_label_csv(csv_path, img_path, require_labels=True, require_images=True) -> LabelTable:
     """Read and validate a label CSV; raise LabelFileError listing every bad row.
 
@@ -86,53 +169,49 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
     require_images: a row whose image is missing is an error; otherwise it is kept with
     its expected path, and the image loader reports it (inference writes errors.csv).
     """
-    if not os.path.isfile(csv_path):
-        raise LabelFileError(csv_path, ["0: no such file"])
+    text = read_label_text(csv_path)
     index = ImageIndex(img_path)
     table, problems, rows = LabelTable(csv_path), [], []
     seen = {}
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        first = True
-        for cells in reader:
-            line = reader.line_num
-            cells = [c.strip() for c in cells]
-            if not cells or all(c == "" for c in cells):
-                continue
-            if first:
-                first = False
-                if len(cells) > 1 and all(_parse_number(c) is None for c in cells[1:]):
-                    continue  # a header row
-            row_problems = []
-            if len(cells) not in (1, NUM_BINS + 1) or (require_labels and len(cells) != NUM_BINS + 1):
-                valid = f"{NUM_BINS + 1}" if require_labels else f"1 (id only) or {NUM_BINS + 1}"
-                problems.append(f"{line}: has {len(cells)} columns, expected {valid} (image id, then votes for ratings 1..10)")
-                continue
-            image_id = cells[0]
-            if not image_id:
-                row_problems.append(f"{line}, column 1: empty image id")
-            elif image_id in seen:
-                row_problems.append(f"{line}, column 1: duplicate image id {image_id!r} (first on line {seen[image_id]})")
-            else:
-                seen[image_id] = line
-            values = []
-            for col, text in enumerate(cells[1:], start=2):
-                value = _parse_number(text)
-                if value is None or not math.isfinite(value):
-                    row_problems.append(f"{line}, column {col}: {text!r} is not a finite number")
-                elif value < 0:
-                    row_problems.append(f"{line}, column {col}: negative value {text}")
-                values.append(value)
-            if values and not row_problems and sum(values) <= 0:
+    for row in label_rows(text):
+        line, cells = row.first_line, row.cells
+        if row.error:
+            problems.append(f"{line}: cannot be parsed as CSV: {row.error}")
+            continue
+        row_problems = []
+        if len(cells) not in (1, NUM_BINS + 1) or (require_labels and len(cells) != NUM_BINS + 1):
+            valid = f"{NUM_BINS + 1}" if require_labels else f"1 (id only) or {NUM_BINS + 1}"
+            problems.append(f"{line}: has {len(cells)} columns, expected {valid} (image id, then votes for ratings 1..10)")
+            continue
+        image_id = cells[0]
+        if not image_id:
+            row_problems.append(f"{line}, column 1: empty image id")
+        elif image_id in seen:
+            row_problems.append(f"{line}, column 1: duplicate image id {show_cell(image_id)} (first on line {seen[image_id]})")
+        else:
+            seen[image_id] = line
+        values = []
+        for col, text_value in enumerate(cells[1:], start=2):
+            value = _parse_number(text_value)
+            if value is None or not math.isfinite(value):
+                row_problems.append(f"{line}, column {col}: {show_cell(text_value)} is not a finite number")
+            elif value < 0:
+                row_problems.append(f"{line}, column {col}: negative value {text_value[:40]}")
+            values.append(value)
+        if values and not row_problems:
+            total = sum(values)
+            if total <= 0:
                 row_problems.append(f"{line}, columns 2-{NUM_BINS + 1}: all-zero distribution (no votes)")
-            path = index.resolve(image_id) if image_id else None
-            if path is None and image_id:
-                if require_images:
-                    row_problems.append(f"{line}, column 1: image {image_id!r} not found in {img_path}")
-                path = os.path.join(img_path, image_id if is_image_file(image_id) else image_id + ".jpg")
-            problems.extend(row_problems)
-            if not row_problems:
-                rows.append((image_id, path, line, values))
+            elif not math.isfinite(total):
+                row_problems.append(f"{line}, columns 2-{NUM_BINS + 1}: the ratings add up to more than a float holds")
+        path = None
+        if image_id:
+            path, found = expected_path(index, image_id)
+            if not found and require_images:
+                row_problems.append(f"{line}, column 1: image {show_cell(image_id)} not found in {img_path}")
+        problems.extend(row_problems)
+        if not row_problems:
+            rows.append((image_id, path, line, values))
     if problems:
         raise LabelFileError(csv_path, problems)
     if not rows:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dataset import eval_transform, load_rgb
 from tools import check_images
 
 
@@ -42,7 +43,7 @@ EXPECTED_BAD = {
     "zero.jpg": "zero-byte file",
     "trunc.jpg": "truncated image",
     "text.jpg": "not an image Pillow can identify",
-    "small.jpg": "too small to crop: 40x20, shorter side below 32",
+    "small.jpg": "too small: 40x20, shorter side below --min_size 32",
     "broken.png": "undecodable: broken data stream when reading image file",
 }
 
@@ -64,11 +65,25 @@ def test_folder_every_bad_file_reported_with_its_reason(images, tmp_path, capsys
     assert "5 bad" in printed
 
 
-def test_min_size_default_is_the_crop_size(images, tmp_path):
+def test_min_size_default_drops_nothing_the_transforms_can_use(images, tmp_path):
+    """The transforms resize the shorter side to --resize_size before cropping, so a
+    300x200 photo, a 40x20 thumbnail and a 1x1 pixel all give a crop: none is bad by
+    default (the old default, 224, listed every one of them as too small)."""
+    for name, size in (("photo.jpg", (300, 200)), ("pixel.png", (1, 1))):
+        save_noise(images / name, *size)
+    transform = eval_transform({"image_size": 224, "resize_size": 256, "normalize": "imagenet"})
+    for name in ("photo.jpg", "pixel.png", "small.jpg"):
+        assert transform(load_rgb(images / name)).shape == (3, 224, 224)
     assert run(["--img_path", images, "--workers", "1", "--out", tmp_path, "--quiet"]) == 1
+    reasons = dict(read_report(tmp_path / "bad_images.csv"))
+    assert not any(reason.startswith("too small") for reason in reasons.values()), reasons
+    assert set(reasons) == {str(images / n) for n in EXPECTED_BAD if n != "small.jpg"}
+
+
+def test_min_size_drops_what_is_below_it(images, tmp_path):
+    assert run(["--img_path", images, "--workers", "1", "--min_size", "48", "--out", tmp_path, "--quiet"]) == 1
     small = {path for path, reason in read_report(tmp_path / "bad_images.csv") if reason.startswith("too small")}
-    # 64x48 is below 224 too: every decodable image is reported as too small to crop.
-    assert small == {str(images / n) for n in ("good1.jpg", "good2.png", "sub/good3.jpg", "small.jpg")}
+    assert small == {str(images / "small.jpg")}
 
 
 def test_csv_cleaned_copy_is_the_input_minus_bad_rows(images, tmp_path, capsys):

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from dataset.images import is_image_file  # noqa: E402
-from dataset.labels import NUM_BINS, ImageIndex, LabelFileError  # noqa: E402
+from dataset.images import DEFAULT_MAX_PIXELS  # noqa: E402
+from dataset.labels import NUM_BINS, ImageIndex, LabelFileError, read_label_text, show_cell, split_lines  # noqa: E402
 from fileio import atomic_write_text  # noqa: E402
 from tools.check_images import check_paths  # noqa: E402
 
@@ -48,29 +49,29 @@ def parse_ava(path) -> list:
     """[(line, image id, votes (10 ints))] for every entry; raises LabelFileError listing
     every malformed line (column count, non-integers, negative votes, duplicate ids)."""
     entries, problems, seen = [], [], {}
-    with open(path, encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            cells = line.split()
-            if not cells:
+    # Any bytes: UTF-8 (a BOM allowed) with LF, CRLF or CR line ends, else LabelFileError.
+    for line_no, line in enumerate(split_lines(read_label_text(path)), start=1):
+        cells = line.split()
+        if not cells:
+            continue
+        if len(cells) != AVA_COLUMNS:
+            problems.append(f"{line_no}: has {len(cells)} columns, expected {AVA_COLUMNS} (index, image id, "
+                            f"votes for ratings 1..10, 2 semantic tags, challenge id)")
+            continue
+        image_id, bad = cells[1], []
+        for col, text in enumerate(cells, start=1):
+            if col == 2:
                 continue
-            if len(cells) != AVA_COLUMNS:
-                problems.append(f"{line_no}: has {len(cells)} columns, expected {AVA_COLUMNS} (index, image id, "
-                                f"votes for ratings 1..10, 2 semantic tags, challenge id)")
-                continue
-            image_id, bad = cells[1], []
-            for col, text in enumerate(cells, start=1):
-                if col == 2:
-                    continue
-                if _int_or_none(text) is None:
-                    bad.append(f"{line_no}, column {col}: {text!r} is not an integer")
-                elif 3 <= col <= 2 + NUM_BINS and int(text) < 0:
-                    bad.append(f"{line_no}, column {col}: negative vote count {text}")
-            if image_id in seen:
-                bad.append(f"{line_no}, column 2: duplicate image id {image_id!r} (first on line {seen[image_id]})")
-            seen.setdefault(image_id, line_no)
-            problems.extend(bad)
-            if not bad:
-                entries.append((line_no, image_id, [int(c) for c in cells[2:2 + NUM_BINS]]))
+            if _int_or_none(text) is None:
+                bad.append(f"{line_no}, column {col}: {show_cell(text)} is not an integer")
+            elif 3 <= col <= 2 + NUM_BINS and int(text) < 0:
+                bad.append(f"{line_no}, column {col}: negative vote count {text[:40]}")
+        if image_id in seen:
+            bad.append(f"{line_no}, column 2: duplicate image id {show_cell(image_id)} (first on line {seen[image_id]})")
+        seen.setdefault(image_id, line_no)
+        problems.extend(bad)
+        if not bad:
+            entries.append((line_no, image_id, [int(c) for c in cells[2:2 + NUM_BINS]]))
     if problems:
         raise LabelFileError(path, problems)
     if not entries:
@@ -86,15 +87,15 @@ def _int_or_none(text):
 
 
 def read_id_list(path) -> set:
-    """Image ids, one per line (an extension such as .jpg is dropped)."""
+    """Image ids, one per line (an extension such as .jpg is dropped). Raises
+    LabelFileError for a file that is not UTF-8 text."""
     if not os.path.isfile(path):
         raise UsageError(f"--test_list {path!r}: no such file")
-    with open(path, encoding="utf-8-sig") as f:
-        ids = [line.strip() for line in f if line.strip()]
+    ids = [line.strip() for line in split_lines(read_label_text(path)) if line.strip()]
     return {os.path.splitext(i)[0] if is_image_file(i) else i for i in ids}
 
 
-def find_rejects(entries, img_path, workers, full_decode, progress) -> dict:
+def find_rejects(entries, img_path, workers, full_decode, progress, max_pixels=None) -> dict:
     """{image id: reason} for entries that cannot be used."""
     rejected, to_check = {}, {}
     index = ImageIndex(img_path)
@@ -108,7 +109,7 @@ def find_rejects(entries, img_path, workers, full_decode, progress) -> dict:
         else:
             to_check[path] = image_id
     bad = check_paths(list(to_check), workers, full_decode=full_decode, progress=progress,
-                      desc="decode images" if full_decode else "check image headers")
+                      desc="decode images" if full_decode else "check image headers", max_pixels=max_pixels)
     for path, reason in bad.items():
         rejected[to_check[path]] = f"unreadable: {reason}"
     return rejected
@@ -158,6 +159,8 @@ def get_args_parser():
     p.add_argument("--test_list", default=None, help="file of test image ids, one per line (instead of a random test split)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes checking the images")
     p.add_argument("--full_decode", action="store_true", help="decode every image fully instead of checking headers")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"reject images of more than N pixels, as training would (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -166,6 +169,8 @@ def main(args) -> int:
     try:
         if args.workers < 1:
             raise UsageError(f"--workers must be >= 1, got {args.workers}")
+        if args.max_image_pixels < 1:
+            raise UsageError(f"--max_image_pixels must be >= 1 (width x height), got {args.max_image_pixels}")
         for name in ("val_size", "test_size"):
             if getattr(args, name) is not None and getattr(args, name) < 0:
                 raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
@@ -181,7 +186,7 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
-    rejected = find_rejects(entries, args.img_path, args.workers, args.full_decode, not args.quiet)
+    rejected = find_rejects(entries, args.img_path, args.workers, args.full_decode, not args.quiet, args.max_image_pixels)
     votes_by_id = {image_id: votes for _, image_id, votes in entries}
     usable = [image_id for _, image_id, _ in entries if image_id not in rejected]
     if test_ids is not None:

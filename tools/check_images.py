@@ -1,7 +1,8 @@
 """Decode every image fully, in parallel, and list the ones training could not use:
-zero-byte, truncated, non-image and undecodable files, and images too small to crop.
+zero-byte, truncated, non-image, undecodable and too large (--max_image_pixels) files,
+and, when asked (--min_size), images smaller than you want to keep.
 
-    python tools/check_images.py --img_path IMAGES [--csv train_labels.csv] [--workers 16] [--min_size 224]
+    python tools/check_images.py --img_path IMAGES [--csv train_labels.csv] [--workers 16] [--min_size N]
 
 Without --csv every image under IMAGES (recursively) is checked; with --csv the
 images its rows name (a missing file counts as bad too), and a cleaned copy of the
@@ -24,31 +25,35 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from dataset.images import ImageReadError, find_images, is_image_file, load_rgb, read_image_size  # noqa: E402
-from dataset.labels import ImageIndex  # noqa: E402
+from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size  # noqa: E402
+from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines  # noqa: E402
 from fileio import atomic_path, atomic_write_text  # noqa: E402
 from tools.parallel import parallel_map  # noqa: E402
 
 
-def check_image(path, min_size=0, full_decode=True):
-    """None for a usable image, else the reason it is not. Top-level so a Pool can pickle it."""
+def check_image(path, min_size=0, full_decode=True, max_pixels=None):
+    """None for a usable image, else the reason it is not. Top-level so a Pool can pickle it.
+    Never raises: load_rgb turns every decoder failure into ImageReadError, and anything
+    else that goes wrong with one file is that file's reason, not the end of the check."""
     try:
-        width, height = load_rgb(path).size if full_decode else read_image_size(path)
+        width, height = load_rgb(path, max_pixels).size if full_decode else read_image_size(path, max_pixels)
     except ImageReadError as exc:
         return str(exc)
+    except Exception as exc:  # noqa: BLE001 - one file's problem, whatever it is, is reported with it
+        return f"undecodable: {type(exc).__name__}: {exc}"[:200]
     if min(width, height) < min_size:
-        return f"too small to crop: {width}x{height}, shorter side below {min_size}"
+        return f"too small: {width}x{height}, shorter side below --min_size {min_size}"
     return None
 
 
-def check_paths(paths, workers=1, min_size=0, full_decode=True, progress=True, desc="check images") -> dict:
+def check_paths(paths, workers=1, min_size=0, full_decode=True, progress=True, desc="check images", max_pixels=None) -> dict:
     """{path: reason} for every bad image among `paths`, checked by `workers` processes."""
-    check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode)
+    check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode, max_pixels=max_pixels)
     return {p: r for p, r in parallel_map(check, paths, workers, desc, progress) if r}
 
 
-def _path_and_reason(path, min_size, full_decode):
-    return path, check_image(path, min_size, full_decode)
+def _path_and_reason(path, min_size, full_decode, max_pixels=None):
+    return path, check_image(path, min_size, full_decode, max_pixels)
 
 
 def category(reason: str) -> str:
@@ -58,33 +63,23 @@ def category(reason: str) -> str:
 
 def read_csv_lines(csv_path, img_path) -> list:
     """[(raw line bytes, image path or None)] for every line of a label CSV; None marks a
-    header, blank or unparsable line, which the cleaned copy keeps as it is."""
+    header, blank or unparsable line, which the cleaned copy keeps as it is. The rows
+    and their images are the training's (dataset.labels.label_rows, expected_path); a
+    row whose quoted cell spans several lines gives each of them its image.
+    Raises LabelFileError for a file that is not UTF-8 text."""
+    text = read_label_text(csv_path)
     with open(csv_path, "rb") as f:
-        raw_lines = f.read().splitlines(keepends=True)
-    index, out, first = ImageIndex(img_path), [], True
-    for raw in raw_lines:
-        cells = next(csv.reader([raw.decode("utf-8-sig", errors="replace")]), [])
-        cells = [c.strip() for c in cells]
-        if not cells or not cells[0]:
-            out.append((raw, None))
-            continue
-        is_header = first and len(cells) > 1 and all(not _is_number(c) for c in cells[1:])
-        first = False
-        if is_header:
-            out.append((raw, None))
+        raw_lines = split_lines(f.read())
+    path_of_line = {}
+    index = ImageIndex(img_path)
+    for row in label_rows(text):
+        if row.error or not row.cells or not row.cells[0]:
             continue
         # A missing image keeps its expected path, and the check reports it as "file not found".
-        path = index.resolve(cells[0]) or os.path.join(img_path, cells[0] if is_image_file(cells[0]) else cells[0] + ".jpg")
-        out.append((raw, path))
-    return out
-
-
-def _is_number(text) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+        path = expected_path(index, row.cells[0])[0]
+        for line in range(row.first_line, row.last_line + 1):
+            path_of_line[line] = path
+    return [(raw, path_of_line.get(n)) for n, raw in enumerate(raw_lines, start=1)]
 
 
 def get_args_parser():
@@ -92,16 +87,21 @@ def get_args_parser():
     p.add_argument("--img_path", required=True, help="image folder (searched recursively without --csv)")
     p.add_argument("--csv", default=None, help="label CSV: check only its images and write <stem>_clean.csv without the bad ones")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
-    p.add_argument("--min_size", type=int, default=224,
-                   help="an image whose shorter side is below this is 'too small to crop' (default 224, the crop size; 0: off)")
+    p.add_argument("--min_size", type=int, default=0,
+                   help="also list images whose shorter side is below N pixels, to drop thumbnails and icons you do not "
+                        "want to train on (default 0: off; the transforms resize every image to the model's "
+                        "--resize_size before cropping, so any size can be used)")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"an image of more than N pixels is bad, as in training and test.py (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     p.add_argument("--out", default=None, help="folder for the report (and cleaned CSV); default: the CSV's folder, else the current one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(args) -> int:
-    if args.workers < 1 or args.min_size < 0:
-        print(f"error: --workers must be >= 1 and --min_size >= 0, got {args.workers} and {args.min_size}", file=sys.stderr)
+    if args.workers < 1 or args.min_size < 0 or args.max_image_pixels < 1:
+        print(f"error: --workers and --max_image_pixels must be >= 1 and --min_size >= 0, got {args.workers}, "
+              f"{args.max_image_pixels} and {args.min_size}", file=sys.stderr)
         return 2
     if not os.path.isdir(args.img_path):
         print(f"error: --img_path {args.img_path!r} is not a folder", file=sys.stderr)
@@ -110,7 +110,11 @@ def main(args) -> int:
         print(f"error: --csv {args.csv!r}: no such file", file=sys.stderr)
         return 2
     if args.csv:
-        lines = read_csv_lines(args.csv, args.img_path)
+        try:
+            lines = read_csv_lines(args.csv, args.img_path)
+        except LabelFileError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         paths = list(dict.fromkeys(p for _, p in lines if p))
         out_dir = args.out or os.path.dirname(os.path.abspath(args.csv))
         stem = os.path.splitext(os.path.basename(args.csv))[0]
@@ -125,7 +129,8 @@ def main(args) -> int:
 
     workers = min(args.workers, len(paths))
     start = time.perf_counter()
-    bad = check_paths(paths, workers, args.min_size, full_decode=True, progress=not args.quiet)
+    bad = check_paths(paths, workers, args.min_size, full_decode=True, progress=not args.quiet,
+                      max_pixels=args.max_image_pixels)
     seconds = time.perf_counter() - start
 
     try:

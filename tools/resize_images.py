@@ -27,11 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run as `python tools/resize_images.py`
     sys.path.insert(0, ROOT)
 
-from PIL import Image  # noqa: E402
 from torchvision.transforms import InterpolationMode  # noqa: E402
 from torchvision.transforms import functional as F  # noqa: E402
 
-from dataset.images import ImageReadError, find_images, load_rgb  # noqa: E402
+from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb  # noqa: E402
 from fileio import OutputWriteError, atomic_path  # noqa: E402
 from tools.parallel import parallel_map  # noqa: E402
 
@@ -45,6 +44,8 @@ def get_args_parser():
     p.add_argument("--size", type=int, default=256, help="shorter side in pixels; use the model's --resize_size (256 for vgg16)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes; 0 or 1 runs in this process")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality of the cache, 1..100")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help=f"an image of more than N pixels is unreadable, as in training (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -53,49 +54,50 @@ def check_usage(args) -> None:
     """Raise ValueError naming the bad flag, before any work."""
     if not os.path.isdir(args.src):
         raise ValueError(f"--src {args.src!r} is not a folder")
-    if args.size < 1 or args.workers < 0 or not 1 <= args.quality <= 100:
-        raise ValueError(f"--size must be >= 1, --workers >= 0 and --quality in 1..100; "
-                         f"got {args.size}, {args.workers}, {args.quality}")
+    if args.size < 1 or args.workers < 0 or not 1 <= args.quality <= 100 or args.max_image_pixels < 1:
+        raise ValueError(f"--size must be >= 1, --workers >= 0, --quality in 1..100 and --max_image_pixels >= 1; "
+                         f"got {args.size}, {args.workers}, {args.quality}, {args.max_image_pixels}")
     src, dst = os.path.realpath(args.src), os.path.realpath(args.dst)
     if dst == src or dst.startswith(src + os.sep):
         # The originals would be overwritten, or the cache re-read as originals next run.
         raise ValueError(f"--dst {args.dst!r} must not be --src or a folder inside it")
 
 
-def expected_short_side(src_path, size: int):
+def expected_short_side(src_path, size: int, max_pixels=None):
     """Shorter side the cached copy of `src_path` must have (None if the header is unreadable)."""
     try:
-        with Image.open(src_path) as img:
-            return min(size, min(img.size))  # EXIF rotation swaps the sides, not the shorter one
-    except Exception:
+        return min(size, min(header_size(src_path, max_pixels)))  # EXIF rotation swaps the sides, not the shorter one
+    except ImageReadError:
         return None
 
 
-def is_up_to_date(src_path, dst_path, size: int) -> bool:
+def is_up_to_date(src_path, dst_path, size: int, max_pixels=None) -> bool:
     try:
         if os.path.getmtime(dst_path) < os.path.getmtime(src_path):
             return False
-        with Image.open(dst_path) as img:
-            short = min(img.size)
-    except Exception:  # missing or unreadable destination: (re)write it
+        short = min(header_size(dst_path, max_pixels))
+    except (OSError, ImageReadError):  # missing or unreadable destination: (re)write it
         return False
-    return short == expected_short_side(src_path, size)
+    return short == expected_short_side(src_path, size, max_pixels)
 
 
 def resize_one(task) -> tuple:
     """(src_path, status, reason) for one image; never raises, so one bad file cannot
     stop the pool."""
-    src_path, dst_path, size, quality = task
-    if is_up_to_date(src_path, dst_path, size):
+    src_path, dst_path, size, quality, max_pixels = (*task, None)[:5]
+    if is_up_to_date(src_path, dst_path, size, max_pixels):
         return src_path, UP_TO_DATE, ""
     try:
-        img = load_rgb(src_path)  # EXIF orientation applied, any mode -> RGB
-        if min(img.size) > size:
+        img = load_rgb(src_path, max_pixels)  # EXIF orientation applied, any mode -> RGB
+        if min(img.size) > size:  # a downscale: never more pixels than the original's
             img = F.resize(img, size, interpolation=InterpolationMode.BILINEAR)
-        with atomic_path(dst_path) as tmp:
-            img.save(tmp, "JPEG", quality=quality)
     except ImageReadError as exc:
         return src_path, FAILED, str(exc)
+    except Exception as exc:  # noqa: BLE001 - the resize of one odd image: its failure, not the pool's
+        return src_path, FAILED, f"cannot resize: {type(exc).__name__}: {exc}"[:200]
+    try:
+        with atomic_path(dst_path) as tmp:
+            img.save(tmp, "JPEG", quality=quality)
     except (OutputWriteError, OSError, ValueError) as exc:
         return src_path, FAILED, f"could not write {dst_path}: {exc}"
     return src_path, WRITTEN, ""
@@ -123,7 +125,8 @@ def main(args) -> int:
         return 2
     if os.path.isdir(args.dst):
         remove_stale_temp_files(args.dst)
-    tasks = [(p, os.path.join(args.dst, os.path.relpath(p, args.src)), args.size, args.quality) for p in paths]
+    tasks = [(p, os.path.join(args.dst, os.path.relpath(p, args.src)), args.size, args.quality, args.max_image_pixels)
+             for p in paths]
     # Chunks big enough to keep the pipe quiet, small enough to balance the workers.
     results = parallel_map(resize_one, tasks, args.workers, f"resize to {args.size}", not args.quiet, chunks_per_worker=8)
     failed = sorted((path, reason) for path, status, reason in results if status == FAILED)
