@@ -4,10 +4,12 @@ models, and the CLI's refusals."""
 import csv
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
+from PIL import Image
 
 from conftest import run_main, run_test, tiny_train_args
 from dataset import eval_transform, load_rgb
@@ -23,6 +25,23 @@ def small_args(name, **extra):
     spec = get_backbone(name)
     size = max(32 if name == "vgg16" else 64, spec.min_image_size)
     return dict(default_model_args(name), image_size=size, resize_size=size + 8, **extra)
+
+
+def centre_crop_by_hand(path, model_args):
+    """Evaluation preprocessing written out with PIL and numpy: the shorter side to
+    resize_size (bilinear, the longer side scaled and truncated), the centre crop (offsets
+    rounded half to even), values in [0, 1], then ImageNet's mean and std if asked."""
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        r, size = model_args["resize_size"], model_args["image_size"]
+        new = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
+        a = np.asarray(img.resize(new, Image.BILINEAR) if new != img.size else img, dtype=np.float32) / 255.0
+    top, left = int(round((a.shape[0] - size) / 2.0)), int(round((a.shape[1] - size) / 2.0))
+    a = a[top:top + size, left:left + size]
+    if model_args["normalize"] == "imagenet":
+        a = (a - np.array([0.485, 0.456, 0.406], dtype=np.float32)) / np.array([0.229, 0.224, 0.225], dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +66,13 @@ def test_backbone_end_to_end(name, few_images, tmp_path):
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
     assert {id(p) for p in groups[1]["params"]} == {id(p) for p in model.classifier[-2].parameters()}
+    # With distinct rates: the head's final Linear alone at the dense rate, the rest (every
+    # features.* parameter among them) at the conv base's.
+    head_ids = {id(model.classifier[-2].weight), id(model.classifier[-2].bias)}
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in model.param_groups(1e-4, 3e-3)}
+    assert by_lr[3e-3] == head_ids
+    assert by_lr[1e-4] == {id(p) for p in model.parameters()} - head_ids
+    assert {id(p) for p in model.features.parameters()} <= by_lr[1e-4]
 
     # One training step moves both the conv base and the head.
     model.train()
@@ -78,6 +104,8 @@ def test_backbone_end_to_end(name, few_images, tmp_path):
     assert len(rows) == 2
     transform = eval_transform(model_args)
     batch = torch.stack([transform(load_rgb(few_images / row["image_id"])) for row in rows])
+    by_hand = torch.stack([centre_crop_by_hand(few_images / row["image_id"], model_args) for row in rows])
+    assert torch.allclose(batch, by_hand, atol=1e-5)  # eval_transform is the preprocessing it says
     with torch.no_grad():
         expected = model(batch)
     written = torch.tensor([[float(row[f"p{k}"]) for k in range(1, 11)] for row in rows])

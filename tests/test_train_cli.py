@@ -22,6 +22,7 @@ def test_two_epochs_write_checkpoints_metrics_and_events(demo_data, tmp_path):
         assert key in records[0]
     # exponential decay by 0.5 every epoch, from the flags' rates, not compounding
     assert records[0]["lr_dense"] == pytest.approx(0.01) and records[1]["lr_dense"] == pytest.approx(0.005)
+    assert records[0]["lr_conv_base"] == pytest.approx(0.01) and records[1]["lr_conv_base"] == pytest.approx(0.005)
     best_epochs = [r["epoch"] for r in records if r["val_emd"] == min(x["val_emd"] for x in records[: r["epoch"]])]
     for epoch in best_epochs:
         assert (ckpt / f"epoch-{epoch}.pth").exists()
@@ -33,6 +34,12 @@ def test_two_epochs_write_checkpoints_metrics_and_events(demo_data, tmp_path):
     assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "epochs_without_improvement",
                          "args", "model_args", "format_version"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
+    # best.pth and the early-stopping state, from metrics.jsonl by hand: the last epoch that
+    # beat every earlier val_emd, and the epochs since it.
+    best_epoch = best_epochs[-1]
+    assert torch.load(ckpt / "best.pth", weights_only=True)["epoch"] == best_epoch
+    assert last["best_val_loss"] == records[best_epoch - 1]["val_emd"]
+    assert last["epochs_without_improvement"] == 2 - best_epoch
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path):
@@ -46,6 +53,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert a["scheduler"] == b["scheduler"] and a["best_val_loss"] == b["best_val_loss"]
+    assert a["epochs_without_improvement"] == b["epochs_without_improvement"]
+    # ... and both as counted by hand from the uninterrupted run's validation EMDs.
+    emds = [r["val_emd"] for r in read_jsonl(straight / "metrics.jsonl")]
+    assert a["best_val_loss"] == min(emds)
+    assert a["epochs_without_improvement"] == len(emds) - 1 - emds.index(min(emds))
     assert [r["epoch"] for r in read_jsonl(split / "metrics.jsonl")] == [1, 2, 3]
     assert [r["val_emd"] for r in read_jsonl(split / "metrics.jsonl")] == [r["val_emd"] for r in read_jsonl(straight / "metrics.jsonl")]
 
@@ -66,6 +78,9 @@ def test_early_stopping_with_patience(demo_data, tmp_path):
     assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "5", "--conv_base_lr", "0", "--dense_lr", "0",
                                     "--base_model", "vgg16", "--early_stoppping_patience", "1")) == 0
     assert [r["epoch"] for r in read_jsonl(ckpt / "metrics.jsonl")] == [1, 2]
+    last = torch.load(ckpt / "last.pth", weights_only=True)
+    assert (last["epoch"], last["epochs_without_improvement"]) == (2, 1)
+    assert torch.load(ckpt / "best.pth", weights_only=True)["epoch"] == 1
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(demo_data, tmp_path, capsys):
