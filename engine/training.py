@@ -85,13 +85,17 @@ def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress
         with rt.autocast():
             pred = model(images)
         per_sample = emd_per_sample(pred, targets)  # float32, (B,)
-        n_ok = int(ok.sum())
-        # Unreadable samples weigh nothing; a batch of only those still steps (with zero
-        # gradients) so that every DDP rank takes part in the all-reduce.
+        n_ok = int(ok.sum())  # `ok` is a CPU tensor: no device sync
+        # Unreadable samples weigh nothing. A batch of only those still runs backward (zero
+        # gradients), so that every DDP rank takes part in the all-reduce, but in a single
+        # process it takes no optimiser step: with momentum, a step on zero gradients would
+        # still move the weights. Under DDP every rank steps, as the replicas must stay equal
+        # (their averaged gradient holds the other ranks' readable samples).
         loss = (per_sample * weights).sum() / max(n_ok, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        if n_ok > 0 or rt.dist.enabled:
+            optimizer.step()
         progress.pending_loss += (per_sample.detach() * weights).sum()
         progress.steps += 1
         progress.samples += len(ok)

@@ -148,3 +148,27 @@ def test_warm_start_from_a_bare_state_dict_keeps_no_normalisation_by_default(dem
     out = capsys.readouterr().out
     assert out.count("assumed --normalize none") == 1 and "epoch-34.pth" in out
     assert torch.load(ckpt / "last.pth", weights_only=True)["model_args"]["normalize"] == "none"
+
+
+def test_a_batch_of_only_unreadable_images_moves_no_weight():
+    """With momentum, an optimiser step on zero gradients still moves the weights: a
+    batch in which no image could be read must take no step at all."""
+    from engine.runtime import Runtime
+    from engine.training import EpochProgress, train_one_epoch
+    torch.manual_seed(0)
+    args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
+    model = build_model(args)
+    optimizer = torch.optim.SGD(model.param_groups(0.1, 0.1), momentum=0.9)
+    target = torch.full((2, 10), 0.1)
+    good = {"index": torch.tensor([0, 1]), "image": torch.rand(2, 3, 32, 32), "target": target,
+            "ok": torch.tensor([True, True]), "error": ["", ""]}
+    bad = {"index": torch.tensor([2, 3]), "image": torch.zeros(2, 3, 32, 32), "target": target,
+           "ok": torch.tensor([False, False]), "error": ["truncated image", "zero-byte file"]}
+    rt = Runtime(torch.device("cpu"), show_progress=False)
+    train_one_epoch(model, [good], optimizer, rt, 1, EpochProgress(), log=lambda *a: None)  # momentum is non-zero now
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    progress = train_one_epoch(model, [bad], optimizer, rt, 1, EpochProgress(), log=lambda *a: None)
+    assert progress.skipped == ["2", "3"] and progress.loss_count == 0
+    for key, value in model.state_dict().items():
+        if value.is_floating_point() and "running" not in key:
+            assert torch.equal(value, before[key]), key
