@@ -4,17 +4,16 @@ models, and the CLI's refusals."""
 import csv
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torchvision
-from PIL import Image
 
 from conftest import run_main, run_test, tiny_train_args
 from dataset import eval_transform, load_rgb
 from model import build_model, default_model_args, emd_loss, list_backbones, load_for_inference, save_checkpoint
 from model.registry import PretrainedWeightsError, get_backbone
+from test_tta_crops import hand_crops, to_input
 
 
 def small_args(name, **extra):
@@ -28,20 +27,10 @@ def small_args(name, **extra):
 
 
 def centre_crop_by_hand(path, model_args):
-    """Evaluation preprocessing written out with PIL and numpy: the shorter side to
-    resize_size (bilinear, the longer side scaled and truncated), the centre crop (offsets
-    rounded half to even), values in [0, 1], then ImageNet's mean and std if asked."""
-    with Image.open(path) as img:
-        img = img.convert("RGB")
-        w, h = img.size
-        r, size = model_args["resize_size"], model_args["image_size"]
-        new = (r, int(r * h / w)) if w <= h else (int(r * w / h), r)
-        a = np.asarray(img.resize(new, Image.BILINEAR) if new != img.size else img, dtype=np.float32) / 255.0
-    top, left = int(round((a.shape[0] - size) / 2.0)), int(round((a.shape[1] - size) / 2.0))
-    a = a[top:top + size, left:left + size]
-    if model_args["normalize"] == "imagenet":
-        a = (a - np.array([0.485, 0.456, 0.406], dtype=np.float32)) / np.array([0.229, 0.224, 0.225], dtype=np.float32)
-    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+    """Evaluation preprocessing cut with PIL and numpy (see test_tta_crops): the first TTA
+    crop is the centre crop."""
+    crop = hand_crops(path, model_args["resize_size"], model_args["image_size"])[0]
+    return to_input(crop, model_args["normalize"])
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,12 @@ def test_emd_accepts_trailing_unit_dim_and_is_zero_on_equal_inputs():
     p = torch.rand(5, 10).softmax(1)
     q = torch.rand(5, 10).softmax(1)
     assert torch.allclose(emd_loss(p.unsqueeze(-1), q.unsqueeze(-1)), emd_loss(p, q))
+    assert abs(emd_loss(p.unsqueeze(-1), q.unsqueeze(-1)).item() - plain_emd(p.double(), q.double(), 2)) < 1e-6
+    # emd_per_sample: one value per sample, each the definition's on that sample alone.
+    per = emd_per_sample(p, q)
+    assert per.shape == (5,)
+    for i in range(5):
+        assert abs(per[i].item() - plain_emd(p[i:i + 1].double(), q[i:i + 1].double(), 2)) < 1e-6
     assert emd_loss(p, p).item() == 0.0
 
 

@@ -3,12 +3,15 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import run_test
 from dataset import ImageReadError
 from engine.scorer import Score, Scorer
+from model import build_model
 from test_scoring import make_photo_folder, tiny_checkpoint
+from test_tta_crops import hand_crops, to_input
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +80,25 @@ def test_tta_batches_count_crops(setup):
     finally:
         handle.remove()
     assert seen == [20, 20, 10]  # 2 + 2 + 1 images of 10 crops
+
+
+def test_scorer_scores_the_centre_crop_cut_by_hand(setup, tmp_path):
+    """Independent of test.py (which shares the Scorer's code): the distribution is the
+    model's output on a centre crop cut with PIL and numpy, and mean and std are that
+    distribution's, computed here."""
+    path = tmp_path / "odd.png"  # resized (shorter side 45 -> 40) and an odd centre offset
+    Image.fromarray(np.random.default_rng(4).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(path)
+    saved = torch.load(setup["ckpt"], weights_only=True)
+    model = build_model(saved["model_args"])
+    model.load_state_dict(saved["model"])
+    model.eval()
+    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu")
+    for image in (path, setup["photos"] / "a_rgb.jpg"):
+        with torch.no_grad():
+            crop = hand_crops(image, saved["model_args"]["resize_size"], saved["model_args"]["image_size"])[0]
+            expected = model(to_input(crop, saved["model_args"]["normalize"])[None])[0].double().numpy()
+        s = scorer.score(image)
+        assert np.allclose(s.distribution, expected, atol=1e-6), image.name
+        mean = float((np.arange(1, 11) * expected).sum())
+        assert s.mean == pytest.approx(mean, abs=1e-6)
+        assert s.std == pytest.approx(float(np.sqrt((expected * (np.arange(1, 11) - mean) ** 2).sum())), abs=1e-6)

@@ -23,6 +23,7 @@ from engine.runtime import Runtime
 from engine.training import EpochProgress, train_one_epoch
 from model import build_model, default_model_args
 from model.nima import NIMA
+from test_tta_crops import hand_resize
 
 
 def load(path):
@@ -46,14 +47,6 @@ def subset_csvs(demo_data, folder, n_train, n_val):
     return out
 
 
-def hand_resize(img, shorter):
-    """torchvision's Resize(int) on a PIL image, by hand: the shorter side to `shorter`,
-    the longer one scaled and truncated, bilinear."""
-    w, h = img.size
-    size = (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
-    return img if size == img.size else img.resize(size, Image.BILINEAR)
-
-
 def as_uint8(x):
     """A (3, H, W) tensor of ToTensor() values back to (H, W, 3) uint8 pixels."""
     return np.rint(x.permute(1, 2, 0).numpy() * 255).astype(np.uint8)
@@ -68,7 +61,7 @@ def test_training_crops_are_random_crops_and_their_horizontal_mirrors(tmp_path):
     size = 32
     model_args = dict(default_model_args("tiny_cnn"), image_size=size, resize_size=40, normalize="none")
     with Image.open(path) as img:
-        pixels = np.asarray(hand_resize(img.convert("RGB"), 40))
+        pixels = hand_resize(img, 40)
     assert pixels.shape == (40, 48, 3)
     crops = {(top, left): pixels[top:top + size, left:left + size]
              for top in range(pixels.shape[0] - size + 1) for left in range(pixels.shape[1] - size + 1)}
