@@ -70,6 +70,9 @@ def get_args_parser():
                                                     "(default: a temporary folder removed at the end)")
     p.add_argument("--no_compile", action="store_true", help="on CUDA, skip the torch.compile variants")
     p.add_argument("--only", default=None, help="comma-separated figure names to run (default: all)")
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated variants to run where they apply (default: all): {', '.join(figures.VARIANTS)}; "
+                        "the JPEG figures always run main.py's default flags")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
     return p
 
@@ -97,6 +100,10 @@ def resolve(args):
         model_args["resize_size"] = args.resize_size
     if not 32 <= model_args["image_size"] <= model_args["resize_size"]:
         raise ValueError(f"need 32 <= --image_size <= --resize_size, got {model_args['image_size']} and {model_args['resize_size']}")
+    if args.variants:
+        unknown = set(args.variants.split(",")) - set(figures.VARIANTS)
+        if unknown:
+            raise ValueError(f"--variants: unknown {', '.join(sorted(unknown))}; valid: {', '.join(figures.VARIANTS)}")
     only = set(args.only.split(",")) if args.only else set(figures.ALL)
     unknown = only - set(figures.ALL)
     if unknown:

@@ -21,6 +21,8 @@ from .timing import TimedBatches, repeat, timed
 
 ALL = ("decode_1core", "loader", "train_synthetic", "infer_synthetic", "train_jpeg", "infer_jpeg")
 NEED_FILES = ("decode_1core", "loader", "train_jpeg", "infer_jpeg")
+# What --variants selects from (the speed flag combinations; not every one applies to every device).
+VARIANTS = ("reference", "fp32", "channels_last", "bf16", "bf16+channels_last", "bf16+channels_last+compile")
 # Small learning rates: random weights and random targets must not blow up in a few steps.
 CONV_BASE_LR, DENSE_LR = 1e-4, 1e-3
 
@@ -47,6 +49,7 @@ class Bench:
         self.shape = (3, size, size)
         self.default_flags = resolve_speed_flags("auto", "auto", device)  # what main.py and test.py pick
         self.default_uint8 = resolve_uint8_transfer("auto", device)
+        self.selected = set(args.variants.split(",")) if getattr(args, "variants", None) else set(VARIANTS)
 
     # ----- helpers -----
     def variants(self) -> list:
@@ -56,7 +59,7 @@ class Bench:
             out += [(True, False, False), (True, True, False)]
             if not self.args.no_compile:
                 out.append((True, True, True))
-        return out
+        return [v for v in out if variant_name(*v)[len("ours "):] in self.selected]
 
     def model(self, channels_last=False):
         torch.manual_seed(0)
@@ -156,10 +159,6 @@ class Bench:
         args, B = self.args, self.args.batch_size
         total = args.warmup + args.steps
         images, targets = torch.randn(B, *self.shape, device=self.device), self.targets(B).to(self.device)
-        reference_backends()
-        model = self.model()
-        timer = TimedBatches(repeat({"image": images, "target": targets}, total), total, args.warmup, B)
-        reference_train_steps(model, self.optimizer(model), timer, self.device)
         flops = self.training_flops()
         # Achieved rate: the counted FLOPs of the images trained per second (a bf16 peak
         # to divide it by is the matrix rate measured on the same card).
@@ -167,9 +166,15 @@ class Bench:
 
         def tflops(result):
             return {**work, "achieved_tflops": result["images_per_s"] * flops / 1e12}
-        result = timer.finish(self.device)
-        base = self.record("train_synthetic", "reference", "synthetic", result, batch_size=B, **tflops(result))
-        del model
+        base = None
+        if "reference" in self.selected:
+            reference_backends()
+            model = self.model()
+            timer = TimedBatches(repeat({"image": images, "target": targets}, total), total, args.warmup, B)
+            reference_train_steps(model, self.optimizer(model), timer, self.device)
+            result = timer.finish(self.device)
+            base = self.record("train_synthetic", "reference", "synthetic", result, batch_size=B, **tflops(result))
+            del model
         batch = {"index": torch.arange(B), "image": images, "target": targets, "ok": torch.ones(B, dtype=torch.bool),
                  "error": [""] * B}
         for amp, cl, comp in self.variants():
@@ -195,12 +200,14 @@ class Bench:
         args, B = self.args, self.args.infer_batch_size
         n = -(-args.infer_images // B) * B  # whole batches: a smaller last one would recompile
         images = torch.randn(n, *self.shape, device=self.device)
-        reference_backends()
-        model = self.model()
-        reference_predict_tensors(model, images[:max(args.warmup, 1)])
-        _, seconds = timed(lambda: reference_predict_tensors(model, images), self.device)
-        base = self.record("infer_synthetic", "reference", "synthetic", {"images_per_s": n / seconds}, batch_size=1)
-        del model
+        base = None
+        if "reference" in self.selected:
+            reference_backends()
+            model = self.model()
+            reference_predict_tensors(model, images[:max(args.warmup, 1)])
+            _, seconds = timed(lambda: reference_predict_tensors(model, images), self.device)
+            base = self.record("infer_synthetic", "reference", "synthetic", {"images_per_s": n / seconds}, batch_size=1)
+            del model
         batches = [{"index": torch.arange(i, i + B), "image": images[i:i + B], "ok": torch.ones(B, dtype=torch.bool),
                     "error": [""] * B} for i in range(0, n, B)]
         for amp, cl, comp in self.variants():
@@ -220,16 +227,18 @@ class Bench:
         args, B = self.args, self.args.batch_size
         total = args.warmup + args.steps
         originals = self.data["original"]
-        # Reference: a plain DataLoader (no pinned memory, workers restarted each epoch).
-        reference_backends()
-        plain = torch.utils.data.DataLoader(self.train_dataset(originals), batch_size=B, num_workers=args.workers,
-                                            sampler=self.sampler(len(originals), total * B))
-        model = self.model()
-        timer = TimedBatches(plain, total, args.warmup, B)
-        reference_train_steps(model, self.optimizer(model), timer, self.device)
-        base = self.record("train_jpeg", "reference", "original", timer.finish(self.device), batch_size=B,
-                           workers=args.workers)
-        del model, plain, timer
+        base = None
+        if "reference" in self.selected:
+            # A plain DataLoader (no pinned memory, workers restarted each epoch).
+            reference_backends()
+            plain = torch.utils.data.DataLoader(self.train_dataset(originals), batch_size=B, num_workers=args.workers,
+                                                sampler=self.sampler(len(originals), total * B))
+            model = self.model()
+            timer = TimedBatches(plain, total, args.warmup, B)
+            reference_train_steps(model, self.optimizer(model), timer, self.device)
+            base = self.record("train_jpeg", "reference", "original", timer.finish(self.device), batch_size=B,
+                               workers=args.workers)
+            del model, plain, timer
         amp, cl = self.default_flags
         uint8, cache = self.default_uint8, list(self.data)[-1]
         # Every data set with the default loader path (uint8 on CUDA, float on CPU), the
@@ -248,14 +257,16 @@ class Bench:
             self.cleanup()
 
     def infer_jpeg(self):
-        args = self.args
-        reference_backends()
-        model = self.model()
-        paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(self.data["original"]))]
-        reference_predict_files(model, self.model_args, paths[:1], self.device)
-        _, seconds = timed(lambda: reference_predict_files(model, self.model_args, paths, self.device), self.device)
-        base = self.record("infer_jpeg", "reference", "original", {"images_per_s": len(paths) / seconds}, batch_size=1)
-        del model
+        args, base = self.args, None
+        if "reference" in self.selected:
+            reference_backends()
+            model = self.model()
+            paths = [p for _, p in zip(range(args.infer_images), itertools.cycle(self.data["original"]))]
+            reference_predict_files(model, self.model_args, paths[:1], self.device)
+            _, seconds = timed(lambda: reference_predict_files(model, self.model_args, paths, self.device), self.device)
+            base = self.record("infer_jpeg", "reference", "original", {"images_per_s": len(paths) / seconds},
+                               batch_size=1)
+            del model
         amp, cl = self.default_flags
         rt = self.runtime(amp, cl)
         configure_backends(rt)

@@ -57,6 +57,18 @@ def test_bad_usage_exit_2(capsys):
     args = bench_cli.get_args_parser().parse_args(["--quick", "--device", "cpu", "--only", "train_synthetic,warp_speed"])
     assert bench_cli.main(args) == 2
     assert "warp_speed" in capsys.readouterr().err
+    args = bench_cli.get_args_parser().parse_args(["--quick", "--device", "cpu", "--variants", "fp32,fp64"])
+    assert bench_cli.main(args) == 2
+    assert "fp64" in capsys.readouterr().err
+
+
+def test_variants_select_what_runs(capsys):
+    """--variants channels_last: no reference (so no ratio), no fp32."""
+    args = bench_cli.get_args_parser().parse_args(["--quick", "--device", "cpu", "--only", "train_synthetic",
+                                                   "--variants", "channels_last"])
+    assert bench_cli.main(args) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["variant"] for r in records] == ["ours channels_last"] and "ratio" not in records[0]
 
 
 def test_reference_loops_compute_the_same_values():
