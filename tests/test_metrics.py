@@ -147,6 +147,11 @@ def test_pred_txt_round_trip_and_bad_lines(tmp_path):
     assert back.ids == ids
     pm, ps = mean_and_std(pred)
     assert np.allclose(back.mean, pm, atol=5e-4) and np.allclose(back.std, ps, atol=5e-4)
+    # The same by hand: the mean and std of each distribution over ratings 1..10.
+    scores = np.arange(1, 11)
+    assert np.allclose(back.mean, pred @ scores, atol=5e-4)
+    assert np.allclose(back.std, np.sqrt((pred * (scores - (pred @ scores)[:, None]) ** 2).sum(1)), atol=5e-4)
+    assert np.allclose(back.gt_mean, true @ scores, atol=5e-4)
     assert np.allclose(back.gt_mean, mean_and_std(true)[0], atol=5e-4)
     write_predictions(tmp_path / "no_gt", ids, pred)
     back = read_pred_txt(tmp_path / "no_gt" / "pred.txt")
@@ -216,3 +221,43 @@ def test_test_py_with_labels_writes_metrics_json_and_prints_table(demo_data, tmp
     assert all(np.isfinite(metrics[key]) for key in ALL_KEYS)
     for key in ("srcc_mean", "accuracy", "mae_mean"):
         assert again[key] == pytest.approx(metrics[key], abs=1e-5)
+
+
+def test_test_py_metrics_recomputed_from_the_label_csv_and_predictions_csv(demo_data, tmp_path):
+    """Every figure of metrics.json recomputed here from the files alone, without the
+    project's metrics code: the true distributions from the CSV's vote counts, the
+    predicted ones from predictions.csv, correlations by scipy. The head's weights are
+    spread so the predictions differ by more than predictions.csv's 6 decimals can blur."""
+    ckpt = tiny_checkpoint(tmp_path / "tiny.pth", seed=1)
+    saved = torch.load(ckpt, weights_only=True)
+    saved["model"]["classifier.1.weight"] = saved["model"]["classifier.1.weight"] * 100
+    torch.save(saved, ckpt)
+    out = tmp_path / "pred"
+    assert run_test(["--model", ckpt, "--test_csv", demo_data / "test_labels.csv", "--test_images",
+                     demo_data / "images", "--predictions", out, "--workers", "0", "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with open(demo_data / "test_labels.csv", newline="") as f:
+        votes = {row[0]: np.array([float(v) for v in row[1:11]]) for row in csv.reader(f)}
+    assert sorted(r["image_id"] for r in rows) == sorted(votes)
+    scores = np.arange(1, 11)
+    true = np.stack([votes[r["image_id"]] / votes[r["image_id"]].sum() for r in rows])
+    pred = np.array([[float(r[f"p{k}"]) for k in scores] for r in rows])
+    pm, tm = pred @ scores, true @ scores
+    assert pm.max() - pm.min() > 0.5  # spread predictions: the comparison below is meaningful
+    ps = np.sqrt((pred * (scores - pm[:, None]) ** 2).sum(1))
+    ts = np.sqrt((true * (scores - tm[:, None]) ** 2).sum(1))
+    assert np.allclose([float(r["mean"]) for r in rows], pm, atol=1e-5)
+    assert np.allclose([float(r["std"]) for r in rows], ps, atol=1e-5)
+    assert np.allclose([float(r["gt_mean"]) for r in rows], tm, atol=1e-5)
+    assert np.allclose([float(r["gt_std"]) for r in rows], ts, atol=1e-5)
+    cdf = np.abs(np.cumsum(pred, 1) - np.cumsum(true, 1))
+    by_hand = {"n": len(rows), "emd": np.sqrt((cdf ** 2).mean(1)).mean(), "emd_r1": cdf.mean(1).mean(),
+               "srcc_mean": stats.spearmanr(pm, tm).statistic, "plcc_mean": stats.pearsonr(pm, tm).statistic,
+               "srcc_std": stats.spearmanr(ps, ts).statistic, "plcc_std": stats.pearsonr(ps, ts).statistic,
+               "accuracy": np.mean((pm > 5) == (tm > 5)), "mae_mean": np.abs(pm - tm).mean(),
+               "rmse_mean": np.sqrt(((pm - tm) ** 2).mean())}
+    assert set(by_hand) == ALL_KEYS
+    for key, value in by_hand.items():
+        assert metrics[key] == pytest.approx(float(value), abs=1e-5), key
