@@ -11,7 +11,6 @@ from fileio import atomic_write_json, atomic_write_text, write_or_remove
 
 from .inference import score_images
 from .metrics import compute_metrics, format_table, mean_and_std
-from .plots import write_result_pictures
 
 
 def _fmt(x: float) -> str:
@@ -72,6 +71,7 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
     true = None if table.dists is None else np.asarray(table.dists)[indices]
     metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args)
     gt_mean = mean_and_std(true)[0] if metrics else None
+    from .plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
                                      mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)
     print((f"{title}: " if title else "") + f"scored {len(indices)} of {len(ids)} images -> "

@@ -6,6 +6,7 @@ import os
 
 from fileio import OutputWriteError, atomic_write_text
 
+from .checkpoints import signed
 from .plots import plot_curves
 
 
@@ -65,7 +66,9 @@ class RunLog:
             if key != "epoch" and isinstance(value, (int, float)):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
         self.writer.flush()
-        plot_curves(self.metrics_log.records, self.curves_path, self.monitor)
+        records = [r for r in self.metrics_log.records if math.isfinite(r.get(self.monitor, math.nan))]
+        best = min(records, key=lambda r: signed(self.monitor, r[self.monitor]), default=None)
+        plot_curves(self.metrics_log.records, self.curves_path, self.monitor, best and best["epoch"])
 
     def close(self) -> None:
         self.writer.close()

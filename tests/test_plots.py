@@ -68,5 +68,29 @@ def test_test_py_contact_sheet_and_scatter(demo_data, tmp_path, capsys):
 def test_training_writes_curves_png(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert run_main(tiny_train_args(demo_data, ckpt)) == 0  # 2 epochs, monitor val_emd
-    # Two panels (EMD, learning rates) of 500 x 380 px each.
-    assert png_size(ckpt / "snapshots" / "curves.png") == (1000, 380)
+    # Three panels (EMD, validation SRCC beside it, learning rates) of 500 x 380 px each.
+    assert png_size(ckpt / "snapshots" / "curves.png") == (1500, 380)
+
+
+def test_curves_mark_the_best_epoch_and_show_the_monitored_metric(tmp_path, monkeypatch):
+    from engine import plots
+    drawn = {}
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: drawn.update(fig=fig))
+    history = [{"epoch": e, "train_loss": 0.3 - 0.01 * e, "val_emd": v, "val_srcc_mean": s, "lr_dense": 0.01}
+               for e, v, s in [(1, 0.25, 0.1), (2, 0.22, 0.4), (3, 0.23, 0.3)]]
+    plots.plot_curves(history, tmp_path / "c.png", "val_srcc_mean", best_epoch=2)
+    axes = drawn["fig"].axes
+    assert [ax.get_title() for ax in axes] == ["EMD (r=2)", "val_srcc_mean (monitored)", "learning rate"]
+    for ax in axes:  # a vertical line at x = 2 on every panel
+        assert any(list(line.get_xdata()) == [2, 2] for line in ax.get_lines()), ax.get_title()
+    assert list(axes[1].get_lines()[0].get_ydata()) == [0.1, 0.4, 0.3]
+
+
+def test_contact_sheet_says_what_its_numbers_are(tmp_path, monkeypatch):
+    from engine import plots
+    Image.new("RGB", (40, 30), (90, 120, 200)).save(tmp_path / "a.png")
+    titles = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: titles.append(fig._suptitle.get_text()))
+    plots.plot_contact_sheet([str(tmp_path / "a.png")], ["a.png"], np.array([5.5]), tmp_path / "s.png", 1, gt_mean=np.array([6.0]))
+    plots.plot_contact_sheet([str(tmp_path / "a.png")], ["a.png"], np.array([5.5]), tmp_path / "s.png", 1)
+    assert titles == ["predicted mean score (true mean)", "predicted mean score"]
