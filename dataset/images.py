@@ -1,6 +1,7 @@
 """Reading images from disk as RGB, whatever their format and mode, and finding them."""
 import glob
 import os
+import re
 import warnings
 
 import numpy as np
@@ -46,22 +47,25 @@ def check_max_pixels(max_pixels):
 
 def _short(exc: BaseException) -> str:
     """'Type: message' on one line, cut to MAX_REASON_CHARS."""
+    kind = type(exc).__name__ if type(exc).__module__ == "builtins" else f"{type(exc).__module__}.{type(exc).__name__}"
     text = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    text = f"{kind}: {text}" if text else kind
     return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS - 3] + "..."
 
 
-def _reason(exc: Exception) -> str:
-    """The short reason an exception raised while reading an image gives."""
+def _reason(exc: Exception, limit: int = DEFAULT_MAX_PIXELS) -> str:
+    """The short reason an exception raised while reading an image gives (`limit`: the
+    --max_image_pixels in force)."""
     if isinstance(exc, FileNotFoundError):
         return "file not found"
     if isinstance(exc, Image.UnidentifiedImageError):
         return "not an image Pillow can identify"
-    if isinstance(exc, Image.DecompressionBombError):
-        return f"too large: {exc} (raise --max_image_pixels to accept it)"
+    if isinstance(exc, Image.DecompressionBombError):  # Pillow's own check, at twice its limit, which is >= ours
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        return f"too large: {pixels.group(1) + ' pixels' if pixels else 'image'}, above --max_image_pixels {limit}"
     if isinstance(exc, (OSError, ValueError, SyntaxError)):  # Pillow's own messages say enough
         text = " ".join(str(exc).split())[:MAX_REASON_CHARS] or type(exc).__name__
-        return "truncated image" if "truncated" in text else f"undecodable: {text}"
+        return "truncated image" if "truncated" in text.lower() else f"undecodable: {text}"
     return f"undecodable: {_short(exc)}"
 
 
@@ -106,7 +110,7 @@ def _open_and(source, read, max_pixels=None):
         except ImageReadError:
             raise
         except Exception as exc:  # noqa: BLE001 - any decoder failure is one unreadable image, never a lost run
-            raise ImageReadError(_reason(exc)) from None
+            raise ImageReadError(_reason(exc, limit)) from None
     texts = dict.fromkeys(f"{w.category.__name__}: {' '.join(str(w.message).split())}" for w in caught)
     warning = "; ".join(texts)
     return result, (warning if len(warning) <= MAX_REASON_CHARS else warning[:MAX_REASON_CHARS - 3] + "...")

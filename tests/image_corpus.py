@@ -4,9 +4,10 @@ folders of the end-to-end tests."""
 import io
 import random
 import struct
+import zlib
 
 import numpy as np
-from PIL import Image, features
+from PIL import Image, ImageFile, features
 
 W, H = 40, 30  # small, and not square, so that a swapped width/height shows
 
@@ -122,7 +123,8 @@ def valid_files() -> dict:
         "rgba.dds": _save(_rgb(12).convert("RGBA"), "DDS"),
         "icon.icns": icns_bytes(),
         "rgb.im": _save(_rgb(15), "IM"),
-        "float.spider": _save(_rgb(15).convert("F"), "SPIDER"),
+        # SPIDER has no extension in Pillow's registry (folder scans skip *.spi); Pillow reads by content.
+        "float_spider.tif": _save(_rgb(15).convert("F"), "SPIDER"),
         "bilevel.msp": _save(_rgb(15).convert("1"), "MSP"),
         "bilevel.xbm": _save(_rgb(15).convert("1"), "XBM"),
         "palette.blp": _save(_rgb(15).convert("P"), "BLP"),
@@ -209,3 +211,90 @@ def mutate(data: bytes, others: list, rng: random.Random) -> bytes:
         else:
             data = rng.choice(MUTATIONS)(data, rng)
     return data
+
+
+# --- broken files ----------------------------------------------------------------
+
+FAULT_MAGIC = b"NIMAFAULT:"
+FAULTS = {"EOFError": EOFError, "struct.error": struct.error, "IndexError": IndexError, "KeyError": KeyError,
+          "ZeroDivisionError": ZeroDivisionError, "MemoryError": MemoryError, "RuntimeError": RuntimeError}
+
+
+class FaultImageFile(ImageFile.ImageFile):
+    """A stand-in decoder that raises the exception its file names. Pillow's own decoders
+    raise each of these on some damaged file, but the generated seeds and their mutations
+    do not reach every such path in this Pillow; this makes each one certain."""
+    format, format_description = "NIMAFAULT", "test decoder that fails"
+
+    def _open(self):
+        self._fault = self.fp.read(64)[len(FAULT_MAGIC):].split(b"\n")[0].decode()
+        self._mode, self._size, self.tile = "RGB", (W, H), []
+
+    def load(self):
+        raise FAULTS[self._fault](f"{self._fault} raised while decoding (test decoder)")
+
+
+def register_fault_decoder() -> None:
+    """Let Pillow open fault_file()s, in this process and the loader workers it forks."""
+    if "NIMAFAULT" not in Image.OPEN:
+        Image.register_open("NIMAFAULT", FaultImageFile, lambda prefix: prefix.startswith(FAULT_MAGIC))
+
+
+def fault_file(name: str) -> bytes:
+    return FAULT_MAGIC + name.encode() + b"\n"
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels and holds none (a decompression bomb's header)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def _tiff_with_float_offsets() -> bytes:
+    """A TIFF whose StripOffsets tag is typed DOUBLE: Pillow raises TypeError in load()."""
+    data = bytearray(_save(_rgb(8), "TIFF"))
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    for k in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack(order + "H", data[entry:entry + 2])[0] == 273:
+            data[entry + 2:entry + 4] = struct.pack(order + "H", 12)
+    return bytes(data)
+
+
+def tiff_with_oversized_tag() -> bytes:
+    """A valid TIFF whose ImageDescription claims more bytes than the file holds: Pillow
+    skips the tag with a UserWarning and decodes the pixels."""
+    data = bytearray(_save(_rgb(8), "TIFF", tiffinfo={270: "a description"}))
+    order = "<" if data[:2] == b"II" else ">"
+    ifd = struct.unpack(order + "I", data[4:8])[0]
+    for k in range(struct.unpack(order + "H", data[ifd:ifd + 2])[0]):
+        entry = ifd + 2 + 12 * k
+        if struct.unpack(order + "H", data[entry:entry + 2])[0] == 270:
+            data[entry + 4:entry + 8] = struct.pack(order + "I", 10**6)
+    return bytes(data)
+
+
+def broken_files(max_pixels: int) -> dict:
+    """{file name: (bytes, start of the reason load_rgb must give)} with --max_image_pixels
+    `max_pixels` (at least 100 x 100): every kind of unreadable file, one each. The
+    fault files need register_fault_decoder()."""
+    valid = valid_files()
+    side = int(max_pixels ** 0.5) + 10
+    bomb = io.BytesIO()
+    Image.new("L", (side, side)).save(bomb, "PNG")  # a few kB of zeros, over the limit once decoded
+    files = {f"fault_{name.replace('.', '_')}.png": (fault_file(name), f"undecodable: {name}")
+             for name in FAULTS}
+    files.update({
+        "zero_bytes.jpg": (b"", "zero-byte file"),
+        "bomb.png": (bomb.getvalue(), "too large"),
+        "huge_header.png": (_png_header_only(40_000, 40_000), "too large"),
+        "truncated.jpg": (valid["rgb.jpg"][:len(valid["rgb.jpg"]) // 2], "truncated image"),
+        "not_an_image.jpg": (b"this is not an image\n", "not an image Pillow can identify"),
+        "float_offsets.tif": (_tiff_with_float_offsets(), "undecodable: TypeError"),
+        "cut_header.psd": (valid["photoshop.psd"][:30], "not an image Pillow can identify"),
+        "no_pixels.gif": (valid["still.gif"][:40], "not an image Pillow can identify"),
+    })
+    return files
