@@ -20,6 +20,7 @@ from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.labels import LabelTable
 from dataset.transforms import check_tta
 from engine.distributed import pick_device
+from engine.explain_pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter
 from engine.predictions import score_and_report
 from engine.runtime import Runtime, resolve_speed_flags
@@ -47,6 +48,9 @@ def get_args_parser():
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
     p.add_argument("--contact_sheet", type=int, default=0, metavar="K",
                    help="also write contact_sheet.png: the K highest and K lowest scored images (0: off)")
+    p.add_argument("--explain", default="0", metavar="K|all",
+                   help="also write explain/<image_id>.png: heat maps of what raises and lowers the predicted mean, for "
+                        "the K highest and K lowest scored images, or every image with 'all' (0: off)")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -77,6 +81,7 @@ def main(args) -> int:
         if args.contact_sheet < 0:
             raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
         check_max_pixels(args.max_image_pixels)
+        explain = parse_explain(args.explain)
         device = pick_device(args.device)
         table, ids = load_inputs(args)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
@@ -93,6 +98,9 @@ def main(args) -> int:
         _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=args.batch_size,
                                      workers=args.workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
                                      max_pixels=args.max_image_pixels)
+        if explain:  # from the predictions.csv just written
+            write_explanations(model, model_args, args.predictions, dict(zip(ids, table.paths)), explain, device,
+                               args.max_image_pixels, show_progress=not args.quiet)
     except OutputWriteError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,119 @@
+"""test.py --explain: explain/<image_id>.png for the best and worst scored images of a
+run, each the photo beside its heat map (engine/explain.py) with the predicted mean
+(and the true one when the CSV has labels). Drawn headless (Agg), written atomically."""
+import csv
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from dataset.images import ImageReadError, load_rgb
+
+from .explain import explain_image
+from .pixels import crop_box, safe_name
+from .plots import save_figure
+
+EXPLAIN_DIR = "explain"
+FIGURE_INCHES = (8.0, 4.6)  # 800 x 460 px
+THUMB_PIXELS = 480           # longest side drawn: plenty for a 4-inch panel, keeps the PNG small
+HEAT_CMAP = "RdBu_r"         # red raises the predicted mean, blue lowers it
+
+
+def pyplot():
+    """pyplot on the headless Agg backend, imported when a picture is drawn (not when
+    test.py starts; engine/plots.py does the same)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def parse_explain(text):
+    """--explain: 0 (off), a count K >= 1, or 'all'. Returns 0, K or 'all'."""
+    if str(text).strip().lower() == "all":
+        return "all"
+    try:
+        k = int(text)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0:
+        raise ValueError(f"--explain must be a whole number K >= 0 (the K highest and K lowest scored images; 0: off) "
+                         f"or 'all', got {text!r}")
+    return k
+
+
+def select_rows(rows, k):
+    """The k highest and k lowest scored rows, best first then worst last (ties by id, as
+    on the contact sheet); every row for k = 'all' or when 2k covers them all."""
+    order = sorted(rows, key=lambda r: (-r["mean"], r["image_id"]))
+    if k == "all" or 2 * k >= len(order):
+        return order
+    return order[:k] + order[-k:]
+
+
+def read_predictions(path) -> list:
+    """predictions.csv rows as {'image_id', 'mean', 'gt_mean' (None without labels)}."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{"image_id": r["image_id"], "mean": float(r["mean"]),
+                 "gt_mean": float(r["gt_mean"]) if r.get("gt_mean") else None} for r in csv.DictReader(f)]
+
+
+def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
+    """The photo (left) and the photo under its signed heat map (right; red raises the
+    predicted mean, blue lowers it, colour bar in [-1, 1]), `title` above; `box` (x0, y0,
+    x1, y1 in the image's pixels) is drawn dashed: the crop the model sees. 800 x 460 px."""
+    plt = pyplot()
+    scale = min(1.0, THUMB_PIXELS / max(rgb.size))
+    size = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
+    photo = np.asarray(rgb.resize(size, Image.Resampling.BILINEAR) if scale < 1 else rgb)
+    heat_small = np.asarray(Image.fromarray(np.asarray(heat, np.float32), "F").resize(size, Image.Resampling.BILINEAR))
+    fig, axes = plt.subplots(1, 2, figsize=FIGURE_INCHES)
+    fig.subplots_adjust(left=0.02, right=0.9, bottom=0.03, top=0.84, wspace=0.04)
+    axes[0].imshow(photo)
+    axes[1].imshow(photo)
+    # Opacity follows the magnitude, so regions that do not matter show the photo as it is.
+    shown = axes[1].imshow(heat_small, cmap=HEAT_CMAP, vmin=-1, vmax=1, alpha=np.clip(np.abs(heat_small), 0, 1) * 0.75)
+    if box is not None:
+        x0, y0, x1, y1 = (v * scale for v in box)
+        for ax in axes:
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ls="--", lw=1, color="white"))
+    for ax in axes:
+        ax.set_axis_off()
+    bar = fig.colorbar(shown, cax=fig.add_axes([0.915, 0.1, 0.02, 0.68]), ticks=[-1, 0, 1])
+    bar.ax.set_yticklabels(["lowers", "0", "raises"], fontsize=8)
+    fig.suptitle(title, fontsize=13, y=0.97)
+    fig.text(0.5, 0.87, subtitle, ha="center", fontsize=8)
+    save_figure(fig, path)
+
+
+def write_explanations(model, model_args, out_dir, paths_by_id: dict, k, device=None, max_pixels=None,
+                       show_progress=True) -> list:
+    """explain/<safe image id>.png in out_dir for the rows of out_dir/predictions.csv that
+    select_rows picks (k: count or 'all'); PNGs of an older run in explain/ are removed.
+    An image that cannot be read again (changed since it was scored) is reported and
+    skipped. Returns the paths written."""
+    rows = select_rows(read_predictions(os.path.join(out_dir, "predictions.csv")), k)
+    folder = os.path.join(out_dir, EXPLAIN_DIR)
+    os.makedirs(folder, exist_ok=True)
+    written, taken = [], set()
+    for row in tqdm(rows, desc="explain", disable=not show_progress, dynamic_ncols=True, leave=False):
+        target = os.path.join(folder, safe_name(row["image_id"], taken) + ".png")
+        try:
+            rgb = load_rgb(paths_by_id[row["image_id"]], max_pixels)
+        except ImageReadError as exc:
+            print(f"explain: {paths_by_id[row['image_id']]}: {exc}; no picture", file=sys.stderr)
+            continue
+        heat, dist, info = explain_image(model, model_args, rgb, device)
+        title = f"{row['image_id']}   predicted {row['mean']:.2f}" + (
+            f"   true {row['gt_mean']:.2f}" if row["gt_mean"] is not None else "")
+        subtitle = (f"{info['method']} on {info['layer']}: red raises, blue lowers the predicted mean; "
+                    f"dashed: the centre crop the model scores")
+        plot_explanation(rgb, heat, target, title, subtitle, crop_box(rgb.size, model_args))
+        written.append(target)
+    keep = {os.path.basename(p) for p in written}
+    for name in os.listdir(folder):  # an output folder never mixes runs
+        if name.endswith(".png") and name not in keep:
+            os.remove(os.path.join(folder, name))
+    return written
