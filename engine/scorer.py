@@ -71,8 +71,8 @@ class Scorer:
 
     def preprocess(self, rgb: Image.Image) -> torch.Tensor:
         """An upright RGB image, as dataset.images.load_rgb returns it, -> the network input:
-        (3, H, W), or (tta, 3, H, W) under TTA. Stateless, so decoding threads may call it
-        at the same time (the scoring service does)."""
+        (3, H, W), or (tta, 3, H, W) under TTA. self.transform is stateless and picklable:
+        the scoring service sends it to its decoding processes."""
         return self.transform(rgb)
 
     def score_tensors(self, inputs) -> list:

@@ -1,0 +1,145 @@
+"""Score photos over HTTP: a batching scoring service for a NIMA checkpoint.
+
+    python serve.py --model CKPT [--host 127.0.0.1] [--port 8000] [--api_key KEY]
+    curl -F file=@a.jpg -F file=@b.png http://127.0.0.1:8000/score
+
+Any checkpoint test.py takes, with its preprocessing and its scores. Routes: POST /score,
+GET /health, /model, /metrics, /docs (engine/serving). SIGTERM or Ctrl-C: stop accepting,
+answer the requests already accepted, exit 0.
+Exit codes: 0 after a shutdown by signal; 2 bad usage, unreadable checkpoint, or an
+address that cannot be bound.
+"""
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
+from engine.runtime import configure_backends
+from model import CheckpointError
+
+API_KEY_ENV = "NIMA_API_KEY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Serve a NIMA checkpoint over HTTP: POST images to /score.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("--model", required=True, help="checkpoint: ours (best.pth, epoch-N.pth, last.pth) or the reference's released state_dict")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 (or ::) for every interface, "
+                                                        "behind a load balancer or with --api_key")
+    p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (the address is printed)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: CUDA when present)")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as test.py (auto: on for CUDA with bf16)")
+    p.add_argument("--max_batch", type=int, default=32, help="most images per forward pass, across concurrent requests")
+    p.add_argument("--max_wait_ms", type=float, default=5.0, help="longest an image waits for others to share its forward pass")
+    p.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body in MiB (larger: 413)")
+    p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                   help="largest image in pixels (width x height), also once resized for the model (larger: 422); "
+                        "the default is Pillow's own limit")
+    p.add_argument("--max_files", type=int, default=64, help="most form parts (images) in one request (more: 413)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decoding processes, min(4, cores) by default")
+    p.add_argument("--api_key", default=None, help=f"require this key (header 'Authorization: Bearer KEY' or 'X-API-Key: KEY') "
+                                                   f"on /score, /model and /metrics; default: ${API_KEY_ENV} when set, which unlike a "
+                                                   f"flag does not show in the process list")
+    p.add_argument("--max_connections", type=int, default=256, help="open connections beyond which new ones get 503 "
+                                                                    "(bounds the memory of bodies being received)")
+    p.add_argument("--log_level", choices=["critical", "error", "warning", "info", "debug"], default="info",
+                   help="uvicorn's log level (info logs one line per request)")
+    return p
+
+
+def check_args(args) -> str:
+    """Raise ValueError naming the flag for a bad value; return the API key (or None)."""
+    for flag in ("max_batch", "max_files", "workers", "max_connections"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_wait_ms < 0:
+        raise ValueError(f"--max_wait_ms must be >= 0, got {args.max_wait_ms:g}")
+    if not args.max_body_mb > 0:
+        raise ValueError(f"--max_body_mb must be > 0, got {args.max_body_mb:g}")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}")
+    check_max_pixels(args.max_image_pixels)
+    key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        source = "--api_key" if args.api_key is not None else f"${API_KEY_ENV}"
+        raise ValueError(f"{source} is empty; give a key, or leave it unset to serve without one")
+    return key
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is a usage error (exit 2) and
+    --port 0 can print the port it got. Raises ValueError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on --host {host} --port {port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def main(args) -> int:
+    try:
+        api_key = check_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    # The web packages are optional (requirements-serve.txt): import them only here.
+    try:
+        import uvicorn
+
+        from engine.scorer import Scorer
+        from engine.serving import ServeConfig, create_app
+    except ImportError as exc:
+        print(f"error: {exc.name} is missing; install the service's packages: pip install -r requirements-serve.txt",
+              file=sys.stderr)
+        return 2
+    try:
+        scorer = Scorer.from_checkpoint(args.model, device=args.device, amp=args.amp,
+                                        max_image_pixels=args.max_image_pixels)
+        sock = bind(args.host, args.port)
+    except (ValueError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_backends(scorer.rt)  # on CUDA as test.py: cuDNN autotuning, no TF32 under --amp off
+    size = scorer.model_args["image_size"]
+    scorer.score_tensors(torch.zeros(1, 3, size, size))  # first-call set-up now, not in the first request
+    config = ServeConfig(checkpoint=os.path.basename(args.model), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
+                         max_files=args.max_files, workers=args.workers, api_key=api_key)
+    app = create_app(scorer, config, device=str(scorer.rt.device))
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, limit_concurrency=args.max_connections,
+                                           timeout_graceful_shutdown=None, server_header=False))
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    auth = "API key required" if api_key else "no API key"
+    print(f"serving {config.checkpoint} ({scorer.model_args['base_model']}, {scorer.rt.device}"
+          f"{', bf16' if scorer.rt.amp else ''}) on http://{shown}:{port} ({auth})", flush=True)
+    if not api_key and args.host not in LOOPBACK:
+        print(f"warning: listening on {args.host} without an API key: anyone who can reach it can use it "
+              f"(--api_key or ${API_KEY_ENV})", file=sys.stderr, flush=True)
+    # uvicorn turns SIGTERM and SIGINT into a graceful shutdown, then raises the signal again
+    # for the handler that was there before it: with these no-ops, the process then exits 0
+    # instead of dying by the signal (or a KeyboardInterrupt).
+    received = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    server.run(sockets=[sock])
+    if received:
+        print(f"stopped by {signal.Signals(received[0]).name}: every accepted request was answered", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
+    sys.exit(main(get_args_parser().parse_args()))
