@@ -21,6 +21,7 @@ from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
 from .distributed import pick_device
+from .explain import explain_image
 from .inference import images_per_batch, inference_transform, predict
 from .metrics import mean_and_std
 from .runtime import Runtime, resolve_speed_flags
@@ -109,3 +110,12 @@ class Scorer:
             return load_rgb(item, self.max_image_pixels)
         except ImageReadError as exc:
             raise ImageReadError(f"{item}: {exc}") from None
+
+    def explain(self, image) -> tuple:
+        """(heat map, Score) of one image (a PIL image or a path): a float32 (height, width)
+        array at the image's size in [-1, 1], > 0 where the photo raises the predicted mean
+        and < 0 where it lowers it (Grad-CAM, or gradient x input for transformers: see
+        engine/explain.py), and the Score of the centre crop it explains (tta=1's)."""
+        heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device)
+        means, stds = mean_and_std(dist[None])
+        return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist])
