@@ -7,22 +7,34 @@ import sys
 
 import numpy as np
 
+from dataset.mos import from_bins
 from fileio import atomic_write_json, atomic_write_text, write_or_remove
 
 from .inference import score_images
-from .metrics import compute_metrics, format_table, mean_and_std
+from .metrics import compute_metrics, format_table, mean_and_std, score_metrics
 
 
 def _fmt(x: float) -> str:
     return f"{x:.6f}"
 
 
-def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=(), model_args=None) -> dict:
+def scaled_metrics(pred_mean, true_mean, score_range) -> dict:
+    """The paper's score metrics on a MOS data set's own scale LO..HI (the means mapped
+    back from the bins 1..10); correlations are unchanged by the linear map, errors are
+    in the data set's units. The accuracy is left out: its threshold (5) is the bins'."""
+    m = score_metrics(from_bins(pred_mean, score_range), from_bins(true_mean, score_range))
+    return {"score_range": [float(x) for x in score_range], **{k: m[k] for k in ("srcc_mean", "plcc_mean", "mae_mean", "rmse_mean")}}
+
+
+def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=(), model_args=None,
+                      score_range=None) -> dict:
     """Write predictions.csv, pred.txt, metrics.json (with labels), errors.csv (when some
     inputs failed) and warnings.csv (path, warning: scored images whose decoder warned)
     into `out_dir`, replacing a previous run's files. Returns the metrics ({} without labels).
     model_args: recorded in metrics.json (key `model_args`), so the preprocessing a score
-    was made with (normalize, sizes) stays with it."""
+    was made with (normalize, sizes) stays with it. score_range (LO, HI) of a MOS data set:
+    predictions.csv gets `mean_scaled` (and `gt_mean_scaled`) on that scale, and metrics
+    `scaled` (scaled_metrics)."""
     os.makedirs(out_dir, exist_ok=True)
     pred_mean, pred_std = mean_and_std(pred_dists)
     has_gt = true_dists is not None and len(ids) > 0
@@ -30,18 +42,23 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
         gt_mean, gt_std = mean_and_std(true_dists)
     table, lines = io.StringIO(), []
     writer = csv.writer(table, lineterminator="\n")
-    writer.writerow(["image_id", "mean", "std"] + [f"p{k}" for k in range(1, 11)] + (["gt_mean", "gt_std"] if has_gt else []))
+    scaled = score_range is not None
+    writer.writerow(["image_id", "mean"] + (["mean_scaled"] if scaled else []) + ["std"] + [f"p{k}" for k in range(1, 11)]
+                    + (["gt_mean"] + (["gt_mean_scaled"] if scaled else []) + ["gt_std"] if has_gt else []))
     for n, image_id in enumerate(ids):
-        row = [image_id, _fmt(pred_mean[n]), _fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
+        row = [image_id, _fmt(pred_mean[n])] + ([_fmt(from_bins(pred_mean[n], score_range))] if scaled else [])
+        row += [_fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
         line = f"{image_id} mean: {pred_mean[n]:.3f} | std: {pred_std[n]:.3f}"
         if has_gt:
-            row += [_fmt(gt_mean[n]), _fmt(gt_std[n])]
+            row += [_fmt(gt_mean[n])] + ([_fmt(from_bins(gt_mean[n], score_range))] if scaled else []) + [_fmt(gt_std[n])]
             line += f" | GT: {gt_mean[n]:.3f}"
         writer.writerow(row)
         lines.append(line)
     atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
     atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
     metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
+    if metrics and scaled:
+        metrics["scaled"] = scaled_metrics(pred_mean, gt_mean, score_range)
     record = dict(metrics, **({"model_args": dict(model_args)} if model_args else {}))
     write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, record))
     err = io.StringIO()
@@ -54,12 +71,13 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
 
 
 def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, workers, tta=1, ids=None,
-                     contact_sheet=0, title=None, max_pixels=None) -> tuple:
+                     contact_sheet=0, title=None, max_pixels=None, score_range=None) -> tuple:
     """The one scoring path of test.py and main.py --test: score every image of a label
     table (or id list), write the prediction files and pictures into out_dir, print what
     was written and the paper's table. Returns (metrics, errors): metrics {} without
     labels, errors [(path, reason)] of unreadable images. Only rank 0 writes and prints.
-    max_pixels: --max_image_pixels (None: Pillow's default limit)."""
+    max_pixels: --max_image_pixels (None: Pillow's default limit). score_range: as
+    write_predictions'."""
     warned_at = []
     indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta,
                                             max_pixels=max_pixels, warned=warned_at)
@@ -69,7 +87,7 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
         return {}, errors
     warned = [(table.paths[i], text) for i, text in warned_at]
     true = None if table.dists is None else np.asarray(table.dists)[indices]
-    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args)
+    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args, score_range)
     gt_mean = mean_and_std(true)[0] if metrics else None
     from .plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
@@ -78,6 +96,10 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
           f"{os.path.join(out_dir, 'predictions.csv')}, pred.txt" + "".join(f", {os.path.basename(p)}" for p in pictures))
     if metrics:
         print(format_table(metrics))
+    if "scaled" in metrics:
+        s = metrics["scaled"]
+        print(f"on the data set's scale {s['score_range'][0]:g}..{s['score_range'][1]:g} (predicted mean mapped back): "
+              f"SRCC {s['srcc_mean']:.4f}  LCC {s['plcc_mean']:.4f}  MAE {s['mae_mean']:.4f}  RMSE {s['rmse_mean']:.4f}")
     if warned:  # scored all the same; the text of each is in the file, not on the terminal
         print(f"{len(warned)} image(s) produced decoder warnings; see {os.path.join(out_dir, 'warnings.csv')}",
               file=sys.stderr)
