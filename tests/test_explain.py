@@ -169,3 +169,16 @@ def test_test_py_explain_bad_values(tmp_path, capsys, bad):
                      "--explain", bad]) == 2
     assert "--explain" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_scorer_explain(tmp_path):
+    from engine.scorer import Scorer
+    scorer = Scorer.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pth", seed=6), device="cpu")
+    img = photo(3, (61, 47))
+    img.save(tmp_path / "p.png")
+    heat, score = scorer.explain(tmp_path / "p.png")
+    assert heat.shape == (47, 61) and np.abs(heat).max() > 0
+    plain = scorer.score(tmp_path / "p.png")
+    assert score.mean == pytest.approx(plain.mean, abs=1e-6) and np.allclose(score.distribution, plain.distribution, atol=1e-6)
+    again, _ = scorer.explain(img)  # a PIL image gives the file's map
+    assert np.array_equal(heat, again)
