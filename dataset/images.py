@@ -23,9 +23,13 @@ class ImageReadError(Exception):
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale to 8 bits instead of clipping everything above 255 to white.
-        a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        # float32, in place: a 16-bit image at the pixel limit stays under 400 MB here.
+        a = np.nan_to_num(np.asarray(img).astype(np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max(initial=0.0)), 1.0)
-        img = Image.fromarray((np.clip(a / top, 0.0, 1.0) * 255.0).astype(np.uint8))
+        a /= top  # first: |a| / top cannot overflow, unlike a * 255
+        np.clip(a, 0.0, 1.0, out=a)
+        a *= 255.0
+        img = Image.fromarray(a.astype(np.uint8))
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
