@@ -41,6 +41,7 @@ from bench.ava_like import make_ava_like_jpegs  # noqa: E402
 from bench.backbones import hardware  # noqa: E402
 from dataset.images import load_rgb  # noqa: E402
 from engine.distributed import pick_device  # noqa: E402
+from engine.flags import HelpFormatter  # noqa: E402
 from engine.scorer import Scorer  # noqa: E402
 from fileio import atomic_write_text  # noqa: E402
 from model import build_model, default_model_args, save_checkpoint  # noqa: E402
@@ -51,7 +52,7 @@ START_TIMEOUT_S = 300
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Load test of serve.py against the model called directly.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+                                formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny_cnn, concurrency 1 and 4, a few requests")
     p.add_argument("--models", default=None, help=f"comma-separated backbones (default {','.join(MODELS)}; tiny_cnn with --quick)")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,8,32; 1,4 with --quick)")
@@ -107,8 +108,13 @@ def make_checkpoint(model: str, folder: str) -> str:
     return path
 
 
-def measure_direct(ckpt, paths, device, batch_size) -> dict:
-    scorer = Scorer.from_checkpoint(ckpt, device=device, batch_size=batch_size)
+def normalize_flag(model: str):
+    """The released format does not record its input normalisation: say it (the 2018 release's)."""
+    return "none" if model == "vgg16" else None
+
+
+def measure_direct(ckpt, paths, device, batch_size, normalize) -> dict:
+    scorer = Scorer.from_checkpoint(ckpt, device=device, batch_size=batch_size, normalize=normalize)
     scorer.score(paths[:min(len(paths), batch_size)])  # warm-up: first-call set-up, file cache
     start = time.perf_counter()
     scorer.score(paths)
@@ -125,12 +131,13 @@ def measure_direct(ckpt, paths, device, batch_size) -> dict:
 
 
 class ServeProcess:
-    def __init__(self, ckpt, args, log_path):
+    def __init__(self, ckpt, args, log_path, normalize):
         self.log_path = log_path
         self.log = open(log_path, "w")
         command = [sys.executable, os.path.join(ROOT, "serve.py"), "--model", ckpt, "--host", "127.0.0.1", "--port", "0",
                    "--device", str(pick_device(args.device)), "--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms),
                    "--workers", str(args.workers), "--log_level", "warning"]
+        command += ["--normalize", normalize] if normalize else []
         env = {k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}
         self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         self.url = None
@@ -240,10 +247,10 @@ def main(args) -> int:
             ckpt = make_checkpoint(model, tmp)
             n_direct = args.direct_images or (16 if args.quick else 256 if model == "tiny_cnn" else 64)
             direct = {"mode": "direct", **common, **measure_direct(ckpt, [paths[i % len(paths)] for i in range(n_direct)],
-                                                                   str(device), args.max_batch)}
+                                                                   str(device), args.max_batch, normalize_flag(model))}
             records.append(direct)
             print(json.dumps(direct), flush=True)
-            server = ServeProcess(ckpt, args, os.path.join(tmp, f"serve_{model}.log"))
+            server = ServeProcess(ckpt, args, os.path.join(tmp, f"serve_{model}.log"), normalize_flag(model))
             try:
                 server.wait_ready()
                 for c in levels:

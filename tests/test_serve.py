@@ -401,6 +401,7 @@ def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
                         (["--max_body_mb", "0"], "--max_body_mb must be > 0"),
                         (["--max_image_pixels", "0"], "--max_image_pixels"),
                         (["--api_key", " "], "--api_key is empty"),
+                        (["--normalize", "none"], "--normalize none contradicts"),
                         (["--port", str(port)], f"cannot listen on --host 127.0.0.1 --port {port}")):
         args = serve_cli.get_args_parser().parse_args(["--model", str(setup["ckpt"]), "--device", "cpu", *argv])
         assert serve_cli.main(args) == 2, argv
