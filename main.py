@@ -10,36 +10,31 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 """
 import argparse
 import os
-import random
 import shutil
 import sys
 
-import numpy as np
 import torch
 
-from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, read_label_csv, train_transform
+from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_transform
 from dataset.images import DEFAULT_MAX_PIXELS
+from dataset.mos import LABEL_FORMATS
 from dataset.transforms import check_tta
 from engine import distributed
-from engine.checkpoints import (MONITORS, ResumeError, RunCheckpoints, RunState, check_resume_flags,
-                                find_resume_checkpoint, load_warm_start, read_warm_start, restore, run_schedule, signed)
-from engine.flags import HelpFormatter, default, given, str2bool
+from engine.checkpoints import MONITORS, RunCheckpoints, signed
+from engine.flags import HelpFormatter, default, str2bool
 from engine.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
-from engine.optim import build_optimizer, build_scheduler, current_lrs
+from engine.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
 from engine.predictions import score_and_report
 from engine.run_log import RunLog
+from engine.run_setup import UsageError, build_run, check_recipe_flags, read_labels
 from engine.runtime import Runtime, resolve_speed_flags
 from engine.signals import StopOnSignals, StopRequested
 from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from fileio import OutputWriteError, check_writable
-from model import CheckpointError, PretrainedWeightsError, build_model, default_model_args, list_backbones, load_for_inference
+from model import CheckpointError, PretrainedWeightsError, list_backbones, load_for_inference
 from model.checkpoint import NORMALIZE_CHOICES
-from model.nima import HEADS, check_model_args
-
-
-class UsageError(ValueError):
-    pass
+from model.nima import HEADS
 
 
 def get_args_parser():
@@ -50,6 +45,11 @@ def get_args_parser():
     g.add_argument("--train_csv_file", default="./data/train_labels.csv", help="training labels: image id, then 10 vote counts")
     g.add_argument("--val_csv_file", default="./data/val_labels.csv", help="validation labels, same format")
     g.add_argument("--test_csv_file", default="./data/test_labels.csv", help="test labels for --test (ratings optional)")
+    g.add_argument("--label_format", choices=LABEL_FORMATS, default="distribution",
+                   help="distribution: image id + 10 vote counts (AVA); mos: image_id,mos[,std] on the --score_range scale, "
+                        "trained on the maximum-entropy distribution with that mean (and std)")
+    g.add_argument("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="with --label_format mos: the data set's scale, mapped linearly onto the ratings 1..10")
     g = p.add_argument_group("what to run")
     g.add_argument("--train", action="store_true", help="train")
     g.add_argument("--test", action="store_true",
@@ -63,6 +63,14 @@ def get_args_parser():
     g.add_argument("--decay", action="store_true", help="multiply the learning rates by --lr_decay_rate every --lr_decay_freq epochs")
     g.add_argument("--lr_decay_rate", type=float, default=0.95, help="factor of each decay step")
     g.add_argument("--lr_decay_freq", type=int, default=10, help="epochs between decay steps")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="sgd (momentum 0.9, the reference's) or adamw")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="weight decay of the weight matrices and kernels (not biases or norms)")
+    g.add_argument("--lr_schedule", choices=SCHEDULES, default="step",
+                   help="step: constant, or with --decay the reference's steps; cosine: --warmup_epochs, then a cosine to 0 at --epochs")
+    g.add_argument("--warmup_epochs", type=int, default=0, help="with --lr_schedule cosine: epochs of linear warm-up")
+    g.add_argument("--clip_grad_norm", type=float, default=0.0, help="scale the gradients down to at most this norm (0: off)")
+    g.add_argument("--freeze_base_epochs", type=int, default=0, metavar="N",
+                   help="train only the head for epochs 1..N, then the whole network")
     g.add_argument("--train_batch_size", type=int, default=128, help="per process under torchrun")
     g.add_argument("--val_batch_size", type=int, default=128, help="validation images per forward pass")
     g.add_argument("--test_batch_size", type=int, default=128, help="--test images per forward pass (crops under --tta)")
@@ -78,6 +86,9 @@ def get_args_parser():
     g.add_argument("--warm_start", type=str2bool, nargs="?", const=True, default=False,
                    help="start a new run from the weights (and model arguments) of epoch-<warm_start_epoch>.pth in --ckpt_path")
     g.add_argument("--warm_start_epoch", type=int, default=0, help="with --warm_start: the epoch to start from")
+    g.add_argument("--init_from", default=None, metavar="PATH",
+                   help="start a new run (epoch 1, new optimiser) from the weights and model arguments of any checkpoint: "
+                        "ours or the reference's released file")
     g.add_argument("--save_every_steps", type=int, default=0, help="also save last.pth every N steps within an epoch (0: off)")
     g.add_argument("--log_dir", default=None, help="TensorBoard folder (default: <ckpt_path>/tensorboard)")
     g.add_argument("--snapshot_dir", default=None, help="folder for curves.png (default: --ckpt_path)")
@@ -85,7 +96,7 @@ def get_args_parser():
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit)")
-    g = p.add_argument_group("model (a resume or warm start takes these from its checkpoint)")
+    g = p.add_argument_group("model (a resume, warm start or --init_from takes these from its checkpoint)")
     g.add_argument("--base_model", default=default("vgg16"),
                    help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name")
     g.add_argument("--head", choices=HEADS, default=default("reference"),
@@ -111,44 +122,6 @@ def get_args_parser():
     return p
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# Flags that define the model; a resume or warm start takes them from its checkpoint.
-MODEL_FLAGS = ("base_model", "head", "dropout", "image_size", "resize_size", "normalize")
-
-
-def resolve_model_args(args, source=None, source_name="") -> dict:
-    """Construction arguments. From a checkpoint (`source`: its model_args) they are the
-    checkpoint's, so a run keeps the model and preprocessing it was trained with, and a
-    flag the user typed that contradicts one is an error naming both values. Otherwise
-    the backbone's defaults with the flags that override them."""
-    if source is not None:
-        model_args = dict(source)
-        model_args.setdefault("head", "reference")  # checkpoints older than --head
-        for key in MODEL_FLAGS:
-            value = getattr(args, key)
-            if given(value) and value != model_args[key]:
-                raise UsageError(f"--{key} {value} contradicts {source_name}, whose model has {key} {model_args[key]!r}; "
-                                 f"drop the flag (a resumed or warm-started run keeps its checkpoint's model and preprocessing)")
-        return model_args
-    model_args = default_model_args(args.base_model)  # raises with the valid names
-    for key in ("image_size", "resize_size", "normalize"):
-        if getattr(args, key) is not None:
-            model_args[key] = getattr(args, key)
-    model_args["dropout"] = float(args.dropout)
-    model_args["head"] = str(args.head)
-    if model_args["resize_size"] < model_args["image_size"]:
-        raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
-    check_model_args(model_args)  # the backbone's own limits: --head, minimum or fixed --image_size
-    return model_args
-
-
 def check_usage(args) -> None:
     if not (args.train or args.test):
         raise UsageError("nothing to do: pass --train, --test or both")
@@ -169,6 +142,7 @@ def check_usage(args) -> None:
     if args.resume and args.warm_start:
         raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
                          "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
+    check_recipe_flags(args)
 
 
 def main(args) -> int:
@@ -218,54 +192,17 @@ def train_loaders(args, rt, model_args, train_table, val_table):
     return sampler, train_loader, val_loader
 
 
-def build_run(args, rt):
-    """The model, optimiser, scheduler and run state of a fresh, resumed or warm-started
-    run, with its model arguments. Everything that can be wrong with the configuration
-    is found here, before any heavy work."""
-    log = print if rt.dist.is_main else (lambda *a, **k: None)
-    resume_ckpt = find_resume_checkpoint(args)
-    source, weights = None, None
-    if resume_ckpt is not None:
-        check_resume_flags(resume_ckpt, args, log)
-        model_args = resolve_model_args(args, resume_ckpt["model_args"], resume_ckpt["path"])
-    elif args.warm_start:
-        source, weights, source_args, note = read_warm_start(args)
-        if note:
-            log(note)
-        model_args = resolve_model_args(args, source_args, source)
-    else:
-        model_args = resolve_model_args(args)
-    set_seed(args.seed)
-    model = build_model(model_args, pretrained="none" if (resume_ckpt or source) else args.pretrained).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, args.conv_base_lr, args.dense_lr, rt.device)
-    state = RunState()
-    if resume_ckpt is not None:
-        scheduler = build_scheduler(optimizer, run_schedule(args))
-        state = restore(resume_ckpt, model, optimizer, scheduler, rt.dist.rank)
-        log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
-    else:
-        if source is not None:
-            load_warm_start(model, weights, source, model_args["base_model"])
-            state.epoch = args.warm_start_epoch
-            log(f"warm start from {source} at epoch {state.epoch}")
-        # A warm start at epoch N continues the schedule at epoch N + 1's rates.
-        scheduler = build_scheduler(optimizer, run_schedule(args), completed_epochs=state.epoch)
-    return model, optimizer, scheduler, state, model_args
-
-
-def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, val_errors) -> dict:
+def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, val_errors, frozen) -> dict:
     """One line of metrics.jsonl (README, "Training outputs")."""
-    return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs,
+    return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs, "base_frozen": frozen,
             "seconds": progress.seconds, "images_per_second": progress.samples * world_size / max(progress.seconds, 1e-9),
             "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
 
 
 def train(args, rt) -> int:
     log = print if rt.dist.is_main else (lambda *a, **k: None)
-    train_table = read_label_csv(args.train_csv_file, args.img_path)
-    val_table = read_label_csv(args.val_csv_file, args.img_path)
+    train_table = read_labels(args, args.train_csv_file, log)
+    val_table = read_labels(args, args.val_csv_file, log)
     model, optimizer, scheduler, state, model_args = build_run(args, rt)
     new_folder = not os.path.isdir(args.ckpt_path)
     if rt.dist.is_main:
@@ -273,7 +210,9 @@ def train(args, rt) -> int:
 
     net = torch.compile(model) if args.compile else model  # compile before the DDP wrap
     if rt.dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        # With --freeze_base_epochs the base has no gradients for a while: DDP must not wait for them.
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                                        find_unused_parameters=args.freeze_base_epochs > 0)
     # Validation runs outside the DDP wrapper: its forward would broadcast buffers, a
     # collective that hangs when one rank's shard of the validation set is empty.
     eval_net = net.module if rt.dist.enabled else net
@@ -295,15 +234,21 @@ def train(args, rt) -> int:
     steps_per_epoch = len(train_loader)
     try:
         with StopOnSignals() as stop:
-            for epoch in range(state.epoch + 1, args.epochs + 1):
+            first_epoch = state.epoch + 1
+            for epoch in range(first_epoch, args.epochs + 1):
                 progress = EpochProgress.from_dict(state.partial_epoch)
                 sampler.set_epoch(epoch, start=progress.samples)
                 # Dropout masks: a function of (seed, epoch, rank), so ranks do not share masks.
                 torch.manual_seed(args.seed * 1000 + epoch + 1_000_003 * rt.dist.rank)
                 lrs = current_lrs(optimizer)
+                frozen = epoch <= args.freeze_base_epochs
+                set_base_frozen(model, frozen)
+                if args.freeze_base_epochs and epoch in (first_epoch, args.freeze_base_epochs + 1):
+                    log(f"epoch {epoch}: " + (f"training the head only, the base frozen through epoch {args.freeze_base_epochs}"
+                                              if frozen else "training the whole network"))
                 progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
                                            paths=train_table.paths, writer=run_log and run_log.writer,
-                                           global_step=(epoch - 1) * steps_per_epoch,
+                                           global_step=(epoch - 1) * steps_per_epoch, clip_grad_norm=args.clip_grad_norm,
                                            on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
                 train_loss = epoch_train_loss(rt, progress)
                 # All ranks' unreadable images; a set, since after a mid-epoch resume every rank
@@ -314,7 +259,7 @@ def train(args, rt) -> int:
                 if scheduler is not None:
                     scheduler.step()
                 improved = state.end_epoch(epoch, args.monitor, val[args.monitor[len("val_"):]])
-                record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, val_errors)
+                record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, val_errors, frozen)
                 if ckpts is not None:
                     run_log.end_epoch(record)  # before the checkpoints: see MetricsLog
                     ckpts.end_epoch(state, improved)
@@ -362,12 +307,12 @@ def test_split(args, rt) -> int:
     --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test."""
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
-    table = read_label_csv(args.test_csv_file, args.img_path, require_labels=False, require_images=False)
+    table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
     _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
                                  batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
                                  contact_sheet=args.contact_sheet, title=f"test set ({path})",
-                                 max_pixels=args.max_image_pixels)
+                                 max_pixels=args.max_image_pixels, score_range=args.score_range)
     return 1 if errors else 0
 
 

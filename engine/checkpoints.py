@@ -16,7 +16,7 @@ from model import CheckpointError, save_checkpoint, unwrap
 from model.checkpoint import read_checkpoint_file, read_model_state
 
 from .flags import plain_args
-from .optim import schedule_spec
+from .optim import describe_schedule, schedule_spec
 from .training import NonFiniteLossError
 
 HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}
@@ -24,9 +24,11 @@ LOWER_IS_BETTER = {"val_emd", "val_emd_r1", "val_mae_mean", "val_rmse_mean"}
 MONITORS = sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)
 
 # Flags a resumed run must share with its checkpoint: with another value its numbers
-# would no longer be those of one run (another metric's best, other rates or batches).
-# The schedule (--decay, --lr_decay_rate, --lr_decay_freq) is checked as a whole.
-RESUME_MUST_MATCH = ("monitor", "conv_base_lr", "dense_lr", "train_batch_size")
+# would no longer be those of one run (another metric's best, other rates, batches,
+# optimiser or targets). The schedule (--decay, --lr_decay_rate, --lr_decay_freq,
+# --lr_schedule, --warmup_epochs, and --epochs under cosine) is checked as a whole.
+RESUME_MUST_MATCH = ("monitor", "conv_base_lr", "dense_lr", "train_batch_size", "optimizer", "weight_decay",
+                     "clip_grad_norm", "freeze_base_epochs", "label_format", "score_range")
 # Flags a resume may change (extend --epochs, more patience, other loaders): printed.
 RESUME_MAY_CHANGE = ("epochs", "early_stopping_patience", "seed", "val_batch_size", "num_workers",
                      "save_every_steps", "strict_images", "train_csv_file", "val_csv_file", "img_path")
@@ -63,7 +65,7 @@ def signed(monitor: str, value: float) -> float:
 
 
 def run_schedule(args) -> dict:
-    return schedule_spec(args.decay, args.lr_decay_rate, args.lr_decay_freq)
+    return schedule_spec(args.decay, args.lr_decay_rate, args.lr_decay_freq, args.lr_schedule, args.warmup_epochs, args.epochs)
 
 
 def find_resume_checkpoint(args):
@@ -89,8 +91,8 @@ def check_resume_flags(ckpt: dict, args, log=print) -> None:
                                              if "decay" in saved else None)
     problems = []
     if saved_schedule is not None and saved_schedule != run_schedule(args):
-        problems.append(f"learning-rate schedule: checkpoint {_describe_schedule(saved_schedule)}, "
-                        f"flags {_describe_schedule(run_schedule(args))}")
+        problems.append(f"learning-rate schedule: checkpoint {describe_schedule(saved_schedule)}, "
+                        f"flags {describe_schedule(run_schedule(args))}")
     monitor = ckpt.get("monitor", saved.get("monitor"))
     for name in RESUME_MUST_MATCH:
         old = monitor if name == "monitor" else saved.get(name)
@@ -99,17 +101,11 @@ def check_resume_flags(ckpt: dict, args, log=print) -> None:
     if problems:
         raise ResumeError(f"--resume {path}: these flags differ from the run being resumed, whose numbers would "
                           f"no longer be one run's: " + "; ".join(problems) + ". Pass the checkpoint's values, or "
-                          f"start a new run from its weights (--warm_start, in another --ckpt_path)")
+                          f"start a new run from its weights (--init_from {path}, in another --ckpt_path)")
     changed = [f"--{n} {saved[n]} -> {getattr(args, n)}" for n in RESUME_MAY_CHANGE
                if n in saved and saved[n] != getattr(args, n)]
     if changed:
         log(f"resuming with changed flags: {', '.join(changed)}")
-
-
-def _describe_schedule(spec: dict) -> str:
-    if spec["kind"] == "constant":
-        return "constant (no --decay)"
-    return f"--decay --lr_decay_rate {spec['gamma']} --lr_decay_freq {spec['step_size']}"
 
 
 def restore(ckpt: dict, model, optimizer, scheduler, rank: int = 0) -> RunState:
@@ -134,12 +130,31 @@ def read_warm_start(args):
     return path, weights, model_args, note
 
 
-def load_warm_start(model, weights: dict, path, base_model: str) -> None:
-    """Only the weights (the reference's warm start); the optimiser starts anew."""
+def recorded_args(path) -> dict:
+    """The flags a checkpoint of ours records (`args`), read without loading its tensors;
+    {} for a bare state_dict or a file that cannot be read this way (its loader reports why)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - the legacy format cannot be mapped, and holds no args
+        return {}
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
+def read_init_from(args):
+    """(path, weights, model_args, note) of --init_from: any checkpoint of ours or a
+    released bare state_dict, read like a warm start's."""
+    path = args.init_from
+    weights, model_args, note = read_model_state(read_checkpoint_file(path), path, normalize=args.normalize)
+    return path, weights, model_args, note
+
+
+def load_warm_start(model, weights: dict, path, base_model: str, flag: str = "--warm_start") -> None:
+    """Only the weights (the reference's warm start, or --init_from); the optimiser starts anew."""
     try:
         unwrap(model).load_state_dict(weights)
     except RuntimeError as exc:
-        raise CheckpointError(f"--warm_start: {path} does not fit a {base_model} NIMA: {exc}") from exc
+        raise CheckpointError(f"{flag}: {path} does not fit a {base_model} NIMA: {exc}") from exc
 
 
 def check_finite(model, progress=None) -> None:

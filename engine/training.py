@@ -52,8 +52,12 @@ class EpochProgress:
 
 
 def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress, *,
-                    strict_images=False, paths=None, writer=None, global_step=0, on_step=None, log=print):
+                    strict_images=False, paths=None, writer=None, global_step=0, on_step=None, log=print,
+                    clip_grad_norm=0.0):
     """Train over `loader` (which already skips what `progress` has done); returns `progress`.
+
+    clip_grad_norm: when > 0, the gradients (all parameters together) are scaled down to at
+    most this norm before each step; on the device, without waiting for it.
 
     on_step(progress) runs after every optimiser step, for mid-epoch checkpoints and
     signal handling; it calls progress.to_dict() only when it saves."""
@@ -94,6 +98,8 @@ def train_one_epoch(model, loader, optimizer, rt, epoch, progress: EpochProgress
         loss = (per_sample * weights).sum() / max(n_ok, 1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         if n_ok > 0 or rt.dist.enabled:
             optimizer.step()
         progress.pending_loss += (per_sample.detach() * weights).sum()

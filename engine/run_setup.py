@@ -1,0 +1,142 @@
+"""A training run's set-up from its flags (main.py): the checks of the training recipe,
+the labels in either format, the model arguments, and the model, optimiser, schedule and
+state of a fresh, resumed, warm-started or --init_from run. Everything that can be wrong
+with the configuration is found here, before any heavy work."""
+import math
+import random
+
+import numpy as np
+import torch
+
+from dataset import read_label_csv
+from dataset.mos import check_score_range, clipped_note, read_mos_csv
+from model import build_model, default_model_args
+from model.nima import check_model_args
+
+from .checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
+                          read_warm_start, restore, run_schedule)
+from .flags import given
+from .optim import build_optimizer, build_scheduler
+
+
+class UsageError(ValueError):
+    pass
+
+
+# Flags that define the model; a resume, warm start or --init_from takes them from its checkpoint.
+MODEL_FLAGS = ("base_model", "head", "dropout", "image_size", "resize_size", "normalize")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def check_recipe_flags(args) -> None:
+    """The labels', optimiser's, schedule's and fine-tuning flags, each error naming its flag."""
+    if args.label_format == "mos":
+        if args.score_range is None:
+            raise UsageError("--label_format mos needs --score_range LO HI: the lowest and highest score of the data "
+                             "set's scale (tools/iqa_to_csv.py prints it), mapped onto the ratings 1..10")
+        check_score_range(args.score_range)
+    elif args.score_range is not None:
+        raise UsageError("--score_range goes with --label_format mos (the 10-bin label files need no range)")
+    for name in ("weight_decay", "clip_grad_norm"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} must be a number >= 0 (0: off), got {value}")
+    if args.warmup_epochs < 0 or args.freeze_base_epochs < 0:
+        raise UsageError("--warmup_epochs and --freeze_base_epochs must be >= 0")
+    if args.lr_schedule == "cosine":
+        if args.decay:
+            raise UsageError("--decay (with --lr_decay_rate, --lr_decay_freq) is the step schedule; "
+                             "drop it with --lr_schedule cosine, or use --lr_schedule step")
+        if args.warmup_epochs >= args.epochs:
+            raise UsageError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch for the cosine: "
+                             f"it must be below --epochs ({args.epochs})")
+    elif args.warmup_epochs:
+        raise UsageError("--warmup_epochs goes with --lr_schedule cosine (the step schedule has no warm-up)")
+    if args.init_from and args.warm_start:
+        raise UsageError("--init_from and --warm_start exclude each other: both start a new run from a checkpoint's "
+                         "weights (--warm_start reads epoch-<warm_start_epoch>.pth in --ckpt_path and counts on from it; "
+                         "--init_from reads any PATH and starts at epoch 1)")
+
+
+def read_labels(args, csv_path, log=print, **kwargs):
+    """A label CSV in the run's --label_format: 10-bin distributions, or a MOS (and std)
+    turned into maximum-entropy targets, whose out-of-reach stds are logged."""
+    if args.label_format != "mos":
+        return read_label_csv(csv_path, args.img_path, **kwargs)
+    table = read_mos_csv(csv_path, args.img_path, args.score_range, **kwargs)
+    note = clipped_note(table)
+    if note:
+        log(note)
+    return table
+
+
+def resolve_model_args(args, source=None, source_name="") -> dict:
+    """Construction arguments. From a checkpoint (`source`: its model_args) they are the
+    checkpoint's, so a run keeps the model and preprocessing it was trained with, and a
+    flag the user typed that contradicts one is an error naming both values. Otherwise
+    the backbone's defaults with the flags that override them."""
+    if source is not None:
+        model_args = dict(source)
+        model_args.setdefault("head", "reference")  # checkpoints older than --head
+        for key in MODEL_FLAGS:
+            value = getattr(args, key)
+            if given(value) and value != model_args[key]:
+                raise UsageError(f"--{key} {value} contradicts {source_name}, whose model has {key} {model_args[key]!r}; "
+                                 f"drop the flag (a run started from a checkpoint keeps its model and preprocessing)")
+        return model_args
+    model_args = default_model_args(args.base_model)  # raises with the valid names
+    for key in ("image_size", "resize_size", "normalize"):
+        if getattr(args, key) is not None:
+            model_args[key] = getattr(args, key)
+    model_args["dropout"] = float(args.dropout)
+    model_args["head"] = str(args.head)
+    if model_args["resize_size"] < model_args["image_size"]:
+        raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    check_model_args(model_args)  # the backbone's own limits: --head, minimum or fixed --image_size
+    return model_args
+
+
+def build_run(args, rt):
+    """The model, optimiser, scheduler and run state of a fresh, resumed, warm-started or
+    --init_from run, with its model arguments."""
+    log = print if rt.dist.is_main else (lambda *a, **k: None)
+    resume_ckpt = find_resume_checkpoint(args)
+    source, weights, flag = None, None, None
+    if resume_ckpt is not None:
+        check_resume_flags(resume_ckpt, args, log)
+        model_args = resolve_model_args(args, resume_ckpt["model_args"], resume_ckpt["path"])
+        if args.init_from:  # --resume auto after a crash: the run goes on from its own checkpoint
+            log(f"--init_from {args.init_from} is not used: resuming {resume_ckpt['path']}")
+    elif args.warm_start or args.init_from:
+        flag = "--warm_start" if args.warm_start else "--init_from"
+        source, weights, source_args, note = read_warm_start(args) if args.warm_start else read_init_from(args)
+        if note:
+            log(note)
+        model_args = resolve_model_args(args, source_args, f"{source} ({flag})")
+    else:
+        model_args = resolve_model_args(args)
+    set_seed(args.seed)
+    model = build_model(model_args, pretrained="none" if (resume_ckpt or source) else args.pretrained).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, args.conv_base_lr, args.dense_lr, rt.device, args.optimizer, args.weight_decay)
+    state = RunState()
+    if resume_ckpt is not None:
+        scheduler = build_scheduler(optimizer, run_schedule(args))
+        state = restore(resume_ckpt, model, optimizer, scheduler, rt.dist.rank)
+        log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
+    else:
+        if source is not None:
+            load_warm_start(model, weights, source, model_args["base_model"], flag)
+            state.epoch = args.warm_start_epoch if args.warm_start else 0
+            log(f"{flag} {source}: starting at epoch {state.epoch + 1} with a new optimiser")
+        # A warm start at epoch N continues the schedule at epoch N + 1's rates.
+        scheduler = build_scheduler(optimizer, run_schedule(args), completed_epochs=state.epoch)
+    return model, optimizer, scheduler, state, model_args
