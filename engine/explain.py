@@ -5,8 +5,9 @@ Two gradient methods, both of the predicted mean sum_i i * p_i (not of one bin):
 
 - CNN backbones (vgg16, tiny_cnn, ResNet, MobileNet, EfficientNet, ConvNeXt, ...):
   Grad-CAM on the last convolutional feature map, i.e. the last activation inside the
-  conv base shaped (1, C, h, w) with more than one cell (found with forward hooks, so
-  every backbone of the registry works without a hook of its own). Each channel is
+  conv base shaped (1, C, h, w) with more than one cell that no pooling layer made
+  (found with forward hooks, so every backbone of the registry works without a hook of
+  its own). Each channel is
   weighted by its spatially averaged gradient and the channels are summed. Unlike the
   original method's ReLU the sign is kept, so the map shows what lowers the score too.
 - Transformer backbones (vit_*, swin_*, maxvit_*): their token grids are not
@@ -23,6 +24,7 @@ it lies in [-1, 1]. float32 gradients (no autocast), deterministic on CPU and CU
 """
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from .pixels import crop_map_to_image, deterministic, pixel_crop, predicted_mean, to_network_input
@@ -35,15 +37,25 @@ def default_method(model_args) -> str:
     return "gradient-x-input" if str(model_args["base_model"]).startswith(TRANSFORMER_PREFIXES) else "grad-cam"
 
 
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool2d, nn.LPPool2d)
+
+
 def _forward_with_maps(model, x):
     """model(x), and the last (name, activation) inside model.features that is a
-    channel-first map of more than one cell (None when there is none)."""
-    last = [None]
+    channel-first map of more than one cell and not a pooling layer's output (VGG16's
+    last conv map is 14 x 14 at 224 px, its pooled one 7 x 7), or None when there is none."""
+    last, pooled = [None], {}
     features = getattr(model, "features", model)
 
     def hook_for(name):
-        def hook(_module, _inputs, output):
-            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.shape[2] * output.shape[3] > 1:
+        def hook(module, _inputs, output):
+            if not isinstance(output, torch.Tensor) or output.dim() != 4 or output.shape[2] * output.shape[3] < 2:
+                return
+            if isinstance(module, _POOLS):
+                # A container that ends in this pool returns the same tensor. Kept referenced,
+                # so that its id cannot be reused by a later tensor during this pass.
+                pooled[id(output)] = output
+            elif id(output) not in pooled:
                 last[0] = ("features." + name if name else "features", output)
         return hook
     handles = [m.register_forward_hook(hook_for(n)) for n, m in features.named_modules()]

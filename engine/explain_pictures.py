@@ -61,7 +61,7 @@ def read_predictions(path) -> list:
 
 
 def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
-    """The photo (left) and the photo under its signed heat map (right; red raises the
+    """The photo (left) and, in grey, under its signed heat map (right; red raises the
     predicted mean, blue lowers it, colour bar in [-1, 1]), `title` above; `box` (x0, y0,
     x1, y1 in the image's pixels) is drawn dashed: the crop the model sees. 800 x 460 px."""
     plt = pyplot()
@@ -72,7 +72,7 @@ def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
     fig, axes = plt.subplots(1, 2, figsize=FIGURE_INCHES)
     fig.subplots_adjust(left=0.02, right=0.9, bottom=0.03, top=0.84, wspace=0.04)
     axes[0].imshow(photo)
-    axes[1].imshow(photo)
+    axes[1].imshow(np.asarray(Image.fromarray(photo).convert("L")), cmap="gray", vmin=0, vmax=255)  # colours read truer on grey
     # Opacity follows the magnitude, so regions that do not matter show the photo as it is.
     shown = axes[1].imshow(heat_small, cmap=HEAT_CMAP, vmin=-1, vmax=1, alpha=np.clip(np.abs(heat_small), 0, 1) * 0.75)
     if box is not None:

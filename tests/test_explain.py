@@ -14,7 +14,7 @@ from conftest import run_test
 from dataset.transforms import eval_transform
 from engine.explain import explain_image
 from engine.pixels import safe_name
-from model import build_model, default_model_args
+from model import build_model, default_model_args, load_for_inference
 from model.nima import NIMA
 from test_backbones import small_args
 from test_scoring import make_photo_folder, tiny_checkpoint
@@ -107,6 +107,31 @@ def test_every_kind_of_backbone_deterministic(name, method, layer):
     with torch.no_grad():
         expected = model(eval_transform(model_args)(img)[None])[0].double().numpy()
     assert np.allclose(dist, expected, atol=1e-6)
+
+
+def test_released_vgg16_layout(tmp_path):
+    """The reference's release format (a bare VGG16 state_dict, 224 px, no normalisation):
+    Grad-CAM on the last conv map before the last pooling, 14 x 14."""
+    torch.manual_seed(0)
+    torch.save(build_model(default_model_args("vgg16")).state_dict(), tmp_path / "epoch-82.pth")
+    model, model_args = load_for_inference(tmp_path / "epoch-82.pth")
+    heat, _, info = explain_image(model, model_args, photo(4, (320, 240)))
+    assert info == {"method": "grad-cam", "layer": "features.29 (14x14)"} and model_args["normalize"] == "none"
+    assert heat.shape == (240, 320) and np.abs(heat).max() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the heat maps run on CPU here")
+def test_cuda_deterministic_and_close_to_cpu():
+    torch.manual_seed(0)
+    model_args = small_args("mobilenet_v3_large")
+    model = build_model(model_args).eval()
+    img = photo(5, (90, 70))
+    on_cpu, dist_cpu, _ = explain_image(model, model_args, img)
+    model = model.cuda()
+    first, dist, _ = explain_image(model, model_args, img)
+    second, _, _ = explain_image(model, model_args, img)
+    assert np.array_equal(first, second)
+    assert np.allclose(dist, dist_cpu, atol=1e-3) and np.abs(first - on_cpu).max() < 0.05
 
 
 def test_safe_names():
