@@ -169,3 +169,16 @@ def test_enhance_function_starts_neutral(setup):
     found = enhance(model, model_args, rgb, ["brightness"], 3, 0.2, torch.device("cpu"))
     assert found["history"][0] == pytest.approx(score_image(model, model_args, rgb, "cpu"), abs=1e-5)
     assert found["history"] == sorted(found["history"]) and found["raised"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the enhancement runs on CPU here")
+def test_cuda_finds_what_the_cpu_finds(setup, tmp_path):
+    records = []
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        argv = ["--model", setup["ckpt"], "--image", setup["photo"], "--out", out, "--steps", "6", "--quiet"]
+        assert enhance_cli.main(enhance_cli.get_args_parser().parse_args([str(a) for a in argv] + ["--device", device])) == 0
+        records.append(json.loads((out / "enhance.json").read_text()))
+    assert records[1]["raised"] and records[1]["score_after"] == pytest.approx(records[0]["score_after"], abs=0.02)
+    for name, value in records[1]["params"].items():
+        assert value == pytest.approx(records[0]["params"][name], abs=0.02)
