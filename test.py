@@ -18,10 +18,13 @@ import torch
 from dataset import LabelFileError, find_images, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.labels import LabelTable
+from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.transforms import check_tta
+from engine.checkpoints import recorded_args
 from engine.distributed import pick_device
 from engine.explain_pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter
+from engine.loaders import default_batch_size, default_workers
 from engine.predictions import score_and_report
 from engine.runtime import Runtime, resolve_speed_flags
 from fileio import OutputWriteError
@@ -36,8 +39,17 @@ def get_args_parser():
     p.add_argument("--test_csv", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
     p.add_argument("--test_images", required=True, help="image folder for --test_csv; otherwise one image, a folder (recursive) or a quoted glob")
     p.add_argument("--predictions", default="predictions", help="output folder (files are replaced atomically)")
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
-    p.add_argument("--batch_size", type=int, default=64, help="network inputs per forward pass (under --tta N: N crops per image)")
+    p.add_argument("--label_format", choices=LABEL_FORMATS, default=None,
+                   help="format of --test_csv: distribution (id + 10 ratings) or mos (image_id,mos[,std]); "
+                        "default: the checkpoint's training run's, else distribution")
+    p.add_argument("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="with --label_format mos: the data set's scale (default: the checkpoint's); adds mean_scaled "
+                        "to predictions.csv and the metrics on that scale")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader worker processes (default: none for a single batch; on a CPU 1 up to 4 cores, "
+                        "a quarter of the cores above; on CUDA up to 8)")
+    p.add_argument("--batch_size", type=int, default=None,
+                   help="network inputs per forward pass, under --tta N: N crops per image (default: 8 on a CPU, 64 on CUDA)")
     p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
     p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
                    help="for a bare state_dict only (the reference's release format, which does not record it): none for its "
@@ -57,12 +69,16 @@ def get_args_parser():
     return p
 
 
-def load_inputs(args) -> tuple:
-    """(table of images to score, ids to write). Raises LabelFileError / ValueError."""
+def load_inputs(args, score_range=None) -> tuple:
+    """(table of images to score, ids to write); a --test_csv of MOS labels when
+    score_range is given. Raises LabelFileError / ValueError."""
     if args.test_csv:
         if not os.path.isdir(args.test_images):
             raise ValueError(f"--test_images {args.test_images}: no such folder (with --test_csv it is the folder of the images the CSV names)")
-        table = read_label_csv(args.test_csv, args.test_images, require_labels=False, require_images=False)
+        if score_range is None:
+            table = read_label_csv(args.test_csv, args.test_images, require_labels=False, require_images=False)
+        else:
+            table = read_mos_csv(args.test_csv, args.test_images, score_range, require_labels=False, require_images=False)
         return table, table.ids
     if not os.path.exists(args.test_images) and not glob.has_magic(args.test_images):
         raise ValueError(f"--test_images {args.test_images}: no such file or folder (give an image, a folder or a quoted glob)")
@@ -75,7 +91,7 @@ def load_inputs(args) -> tuple:
 
 def main(args) -> int:
     try:
-        if args.batch_size < 1 or args.workers < 0:
+        if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
             raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
         check_tta(args.tta)
         if args.contact_sheet < 0:
@@ -83,8 +99,11 @@ def main(args) -> int:
         check_max_pixels(args.max_image_pixels)
         explain = parse_explain(args.explain)
         device = pick_device(args.device)
-        table, ids = load_inputs(args)
+        _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
+        table, ids = load_inputs(args, score_range)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
+        batch_size = args.batch_size or default_batch_size(device)
+        workers = args.workers if args.workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
     except (ValueError, LabelFileError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,9 +114,9 @@ def main(args) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
-        _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=args.batch_size,
-                                     workers=args.workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
-                                     max_pixels=args.max_image_pixels)
+        _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=batch_size,
+                                     workers=workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
+                                     max_pixels=args.max_image_pixels, score_range=score_range)
         if explain:  # from the predictions.csv just written
             write_explanations(model, model_args, args.predictions, dict(zip(ids, table.paths)), explain, device,
                                args.max_image_pixels, show_progress=not args.quiet)

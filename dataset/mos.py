@@ -137,3 +137,19 @@ def clipped_note(table) -> str:
     return (f"{table.csv_path}: {table.clipped} of {len(table)} rows have a std that 10 bins cannot reach at their "
             f"MOS (too small or too large for that mean); their targets use the closest reachable std "
             f"(first: {table.clipped_example})")
+
+
+def resolve_label_flags(label_format, score_range, recorded: dict) -> tuple:
+    """(label format, score range or None) for scoring with a checkpoint: the flags when
+    given, else what the checkpoint's run recorded (`recorded`: its args), else 10-bin
+    distributions. ValueError, naming the flag, for a MOS format without a range."""
+    fmt = label_format or recorded.get("label_format") or "distribution"
+    if fmt != "mos":
+        if score_range is not None:
+            raise ValueError("--score_range goes with --label_format mos (the 10-bin label files need no range)")
+        return fmt, None
+    if score_range is None and recorded.get("label_format") == "mos":
+        score_range = recorded.get("score_range")
+    if score_range is None:
+        raise ValueError("--label_format mos needs --score_range LO HI (the data set's scale); the checkpoint records none")
+    return fmt, check_score_range(score_range)

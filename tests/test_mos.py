@@ -7,7 +7,9 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import linprog, minimize
+from scipy.stats import pearsonr, spearmanr
 
 from conftest import run_main, run_test, tiny_train_args
 from dataset.labels import LabelFileError
@@ -155,3 +157,77 @@ def test_unreachable_stds_are_counted_in_the_table(demo_data, tmp_path):
     # On 1..5 a MOS of 3 maps to bin 5.5: its std (in bins) is at least 0.5, so at least 0.5 * 4/9 on 1..5.
     table = read_mos_csv(write(tmp_path / "m.csv", "demo00000,3,0.01\ndemo00001,3,1\ndemo00002,1.5,3\n"), demo_data / "images", (1, 5))
     assert table.clipped == 2 and "line 1: MOS 3, std 0.01 -> 0.2222" in table.clipped_example
+
+
+def mos_csvs(demo_data, folder, with_std=True, header=True):
+    """The demo set's labels as MOS on a 1..5 scale: each vote histogram's mean and std
+    mapped from 1..10 (what a quality data set would publish). Returns {split: path}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for split in ("train", "val", "test"):
+        rows = list(csv.reader(open(demo_data / f"{split}_labels.csv")))
+        votes = np.array([[float(v) for v in r[1:]] for r in rows])
+        mean, std = moments(votes / votes.sum(axis=1, keepdims=True))
+        lines = ["image_id,mos,std" if with_std else "image_id,mos"] if header else []
+        for r, m, s in zip(rows, from_bins(mean, (1, 5)), std * 4 / 9):
+            lines.append(f"{r[0]},{m:.6f}" + (f",{s:.6f}" if with_std else ""))
+        paths[split] = folder / f"{split}.csv"
+        paths[split].write_text("\n".join(lines) + "\n")
+    return paths
+
+
+def test_training_on_mos_labels_and_scoring_on_the_data_sets_scale(demo_data, tmp_path, capsys):
+    csvs, ckpt = mos_csvs(demo_data, tmp_path / "mos"), tmp_path / "ckpt"
+    args = tiny_train_args(demo_data, ckpt, "--label_format", "mos", "--score_range", "1", "5", "--epochs", "2",
+                           "--test", "--test_csv_file", csvs["test"])
+    args[args.index("--train_csv_file") + 1], args[args.index("--val_csv_file") + 1] = csvs["train"], csvs["val"]
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    assert "on the data set's scale 1..5" in out
+    saved = json.loads((ckpt / "test" / "metrics.json").read_text())
+    assert saved["scaled"]["score_range"] == [1, 5] and saved["n"] == 9
+
+    # test.py takes the label format and the range from the checkpoint.
+    pred = tmp_path / "pred"
+    assert run_test(["--model", ckpt / "best.pth", "--test_csv", csvs["test"], "--test_images", demo_data / "images",
+                     "--predictions", pred, "--workers", "0", "--quiet"]) == 0
+    rows = list(csv.DictReader(open(pred / "predictions.csv")))
+    assert list(rows[0])[:4] == ["image_id", "mean", "mean_scaled", "std"] and "gt_mean_scaled" in rows[0]
+    mos = {r[0]: float(r[1]) for r in list(csv.reader(open(csvs["test"])))[1:]}
+    scaled = np.array([float(r["mean_scaled"]) for r in rows])
+    assert scaled == pytest.approx([1 + (float(r["mean"]) - 1) * 4 / 9 for r in rows], abs=2e-6)
+    # The metrics on 1..5 against the MOS as written in the CSV, computed here by hand.
+    truth = np.array([mos[r["image_id"]] for r in rows])
+    metrics = json.loads((pred / "metrics.json").read_text())
+    assert metrics["scaled"]["srcc_mean"] == pytest.approx(spearmanr(scaled, truth)[0], abs=1e-5)
+    assert metrics["scaled"]["plcc_mean"] == pytest.approx(pearsonr(scaled, truth)[0], abs=1e-5)
+    assert metrics["scaled"]["mae_mean"] == pytest.approx(np.abs(scaled - truth).mean(), abs=1e-5)
+    assert metrics["scaled"]["rmse_mean"] == pytest.approx(np.sqrt(((scaled - truth) ** 2).mean()), abs=1e-5)
+    with capsys.disabled():
+        print(f"\ntiny_cnn, 2 epochs on the demo set's labels as MOS 1..5 with std: test SRCC {metrics['srcc_mean']:.3f}, "
+              f"on 1..5: MAE {metrics['scaled']['mae_mean']:.3f}, RMSE {metrics['scaled']['rmse_mean']:.3f}")
+
+    # A flag overrides the checkpoint's range; a 10-bin CSV under --label_format mos is refused with a hint.
+    assert run_test(["--model", ckpt / "best.pth", "--test_csv", csvs["test"], "--test_images", demo_data / "images",
+                     "--predictions", pred, "--workers", "0", "--quiet", "--score_range", "0", "10"]) == 0
+    assert json.loads((pred / "metrics.json").read_text())["scaled"]["score_range"] == [0, 10]
+    capsys.readouterr()
+    assert run_test(["--model", ckpt / "best.pth", "--test_csv", demo_data / "test_labels.csv", "--test_images",
+                     demo_data / "images", "--predictions", pred, "--workers", "0", "--quiet"]) == 2
+    assert "has 11 columns" in capsys.readouterr().err
+
+
+def test_training_on_mos_without_std_and_counting_unreachable_stds(demo_data, tmp_path, capsys):
+    csvs, ckpt = mos_csvs(demo_data, tmp_path / "mos", with_std=False, header=False), tmp_path / "ckpt"
+    args = tiny_train_args(demo_data, ckpt, "--label_format", "mos", "--score_range", "1", "5", "--epochs", "1")
+    args[args.index("--train_csv_file") + 1], args[args.index("--val_csv_file") + 1] = csvs["train"], csvs["val"]
+    assert run_main(args) == 0
+    assert torch.load(ckpt / "last.pth", weights_only=True)["args"]["score_range"] == [1.0, 5.0]
+    # A std no distribution on 10 bins has at its MOS: trained on the closest, and said so.
+    lines = (demo_data / "train_labels.csv").read_text().splitlines()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("".join(f"{line.split(',')[0]},3,{0.01 if k == 0 else 1}\n" for k, line in enumerate(lines)))
+    args[args.index("--train_csv_file") + 1] = bad
+    args[args.index("--val_csv_file") + 1] = mos_csvs(demo_data, tmp_path / "mos2")["val"]
+    assert run_main(args + ["--ckpt_path", tmp_path / "ckpt2"]) == 0
+    assert f"bad.csv: 1 of {len(lines)} rows have a std that 10 bins cannot reach" in capsys.readouterr().out
