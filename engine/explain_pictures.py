@@ -106,7 +106,8 @@ def write_explanations(model, model_args, out_dir, paths_by_id: dict, k, device=
             print(f"explain: {paths_by_id[row['image_id']]}: {exc}; no picture", file=sys.stderr)
             continue
         heat, dist, info = explain_image(model, model_args, rgb, device)
-        title = f"{row['image_id']}   predicted {row['mean']:.2f}" + (
+        shown_id = row["image_id"] if len(row["image_id"]) <= 48 else "..." + row["image_id"][-45:]  # fits the width
+        title = f"{shown_id}   predicted {row['mean']:.2f}" + (
             f"   true {row['gt_mean']:.2f}" if row["gt_mean"] is not None else "")
         subtitle = (f"{info['method']} on {info['layer']}: red raises, blue lowers the predicted mean; "
                     f"dashed: the centre crop the model scores")
