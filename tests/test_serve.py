@@ -271,8 +271,11 @@ def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
             response = c.request(method, path)
             assert response.status_code == status and response.json()["error"] == kind
             assert "POST /score" in response.json()["detail"]
-        # A truncated JPEG among valid ones: that entry says why, the others are scored.
-        mixed = {"a.jpg": jpeg, "broken.jpg": truncated_jpeg(), "b.png": images["b.png"]}
+        # A truncated JPEG among valid ones: that entry says why, the others are scored. The
+        # padded JPEG (1.2 MB of zeros after its end, which decoders ignore) is a part large
+        # enough to be spooled to a temporary file by the multipart parser.
+        mixed = {"a.jpg": jpeg, "broken.jpg": truncated_jpeg(), "b.png": images["b.png"],
+                 "padded.jpg": jpeg + bytes(1_200_000)}
         response = c.post("/score", files=multipart(mixed))
         assert response.status_code == 200, response.text
         results = response.json()["results"]
@@ -280,6 +283,7 @@ def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
         assert results[1] == {"filename": "broken.jpg", "error": "truncated image"}
         alone = c.post("/score", files=multipart({"b.png": images["b.png"]})).json()["results"][0]
         assert results[2]["mean"] == pytest.approx(alone["mean"], abs=1e-6)
+        assert results[3]["mean"] == pytest.approx(results[0]["mean"], abs=1e-6)
         # Every image unreadable: 422, each one's reason listed.
         response = c.post("/score", files=multipart({"x.jpg": b"nope", "y.jpg": truncated_jpeg()}))
         assert response.status_code == 422
