@@ -76,3 +76,56 @@ def reference_predict_files(model, model_args, paths, device) -> list:
         out.append(looped_mean_std(model(image).view(10, 1)))
     return out
 
+
+
+class ReferenceNIMA(torch.nn.Module):
+    """The reference's network as its model file defined it: a torchvision VGG16's
+    features, `.view` to a vector, Dropout + Linear + Softmax (keys features.N.*,
+    classifier.1.*: the released checkpoint's)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.features = base.features
+        self.classifier = torch.nn.Sequential(torch.nn.Dropout(p=0.75), torch.nn.Linear(25088, 10), torch.nn.Softmax(dim=1))
+
+    def forward(self, x):
+        out = self.features(x)
+        return self.classifier(out.view(out.size(0), -1))
+
+
+def main(argv=None) -> int:
+    """A reference-style scoring process, for bench/cpu_scoring.py to time against test.py:
+    build the whole torchvision VGG16 (as the reference did, then keep its features), load
+    a released-format state_dict, and score every image of a folder one at a time.
+
+        python -m bench.reference_loop --model epoch-82.pth --images FOLDER --out pred.txt
+    """
+    import argparse
+    import os
+
+    import torchvision
+    from PIL import Image
+    from torchvision import transforms as T
+
+    p = argparse.ArgumentParser(description="Reference-style per-image scoring (a benchmark baseline).", allow_abbrev=False)
+    p.add_argument("--model", required=True, help="released-format VGG16 state_dict")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="pred.txt to write")
+    args = p.parse_args(argv)
+    model = ReferenceNIMA(torchvision.models.vgg16())
+    model.load_state_dict(torch.load(args.model, map_location="cpu", weights_only=True))
+    model.eval()
+    transform = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor()])
+    lines = []
+    with torch.no_grad():
+        for name in sorted(os.listdir(args.images)):
+            image = transform(Image.open(os.path.join(args.images, name)).convert("RGB")).unsqueeze(0)
+            mean, std = looped_mean_std(model(image).view(10, 1))
+            lines.append(f"{os.path.splitext(name)[0]} mean: {mean:.3f} | std: {std:.3f}\n")
+    with open(args.out, "w") as f:
+        f.writelines(lines)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
