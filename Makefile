@@ -16,7 +16,7 @@ install-test: install
 	@$(PYTHON) tools/check_requirements.py $(TEST_REQUIREMENTS) || $(PYTHON) -m pip install --progress-bar on $(addprefix -r ,$(TEST_REQUIREMENTS))
 
 demo: install
-	$(PYTHON) tools/make_demo_data.py --out $(DEMO) --num_images 600
+	$(PYTHON) -m tools.make_demo_data --out $(DEMO) --num_images 600
 	$(PYTHON) main.py --train --img_path $(DEMO)/images --train_csv_file $(DEMO)/train_labels.csv \
 		--val_csv_file $(DEMO)/val_labels.csv --ckpt_path $(DEMO_CKPT) --snapshot_dir snapshots/demo \
 		--base_model tiny_cnn --pretrained none --conv_base_lr 0.01 --dense_lr 0.01 --decay --lr_decay_freq 10 \
