@@ -25,6 +25,9 @@ class Runtime:
     # The model's input normalisation ('imagenet' or 'none'), applied on the device to
     # uint8 batches; set from the model's arguments with for_model().
     normalize: str = None
+    # Scoring decodes JPEGs on the device in batches (engine/gpu_decode.py) instead of
+    # with Pillow in the loader workers.
+    gpu_decode: bool = False
 
     def for_model(self, model_args: dict) -> "Runtime":
         """This runtime with the input normalisation of the model about to run."""

@@ -1,6 +1,7 @@
 """Preprocessing on the device: the uint8 loader path (workers hand uint8 crops, the
 device converts and normalises) against the float path, and the JPEG decode path
 (engine/gpu_decode.py) against the Pillow path, on CPU; CUDA variants skip without a GPU."""
+import json
 import os
 
 import numpy as np
@@ -302,3 +303,35 @@ def test_cuda_device_decode_loader_runs_with_workers(jpegs):
     indices, dists, errors = predict(model, device_decode_loader(paths, model_args, rt, 8, 2), rt)
     assert len(indices) == len(paths) - 9 and len(errors) == 9 and np.isfinite(dists).all()
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # the suite's CPU pass hides the GPU
+
+
+# ----- the CLIs' flags (active once main.py and test.py have them) -----
+
+def cli_has(module, flag) -> bool:
+    return any(flag in a.option_strings for a in module.get_args_parser()._actions)
+
+
+def test_cli_uint8_transfer_and_gpu_decode_match_the_float_path(demo_data, tmp_path):
+    import main as main_cli
+    import test as test_cli
+    from conftest import run_main, run_test, tiny_train_args
+    if not (cli_has(main_cli, "--uint8_transfer") and cli_has(test_cli, "--uint8_transfer")
+            and cli_has(test_cli, "--gpu_decode")):
+        pytest.skip("--uint8_transfer / --gpu_decode are not in main.py and test.py yet")
+    losses = {}
+    for flag in ("off", "on"):
+        ckpt = tmp_path / f"ckpt_{flag}"
+        assert run_main(tiny_train_args(demo_data, ckpt, "--device", "cpu", "--epochs", "1", "--uint8_transfer", flag)) == 0
+        row = (ckpt / "metrics.jsonl").read_text().splitlines()[0]
+        losses[flag] = {k: v for k, v in json.loads(row).items() if k in ("train_loss", "val_emd")}
+    assert losses["on"] == losses["off"]  # the same tensors reach the network, to the bit
+    preds = {}
+    for name, extra in (("float", ["--uint8_transfer", "off"]), ("uint8", ["--uint8_transfer", "on"]),
+                        ("gpu_decode", ["--gpu_decode"])):
+        out = tmp_path / f"pred_{name}"
+        assert run_test(["--model", tmp_path / "ckpt_off" / "best.pth", "--test_csv", demo_data / "test_labels.csv",
+                         "--test_images", demo_data / "images", "--predictions", out, "--workers", "1",
+                         "--device", "cpu", "--quiet", *extra]) == 0
+        preds[name] = np.loadtxt(out / "predictions.csv", delimiter=",", skiprows=1, usecols=range(1, 13))
+    assert np.array_equal(preds["uint8"], preds["float"])
+    assert np.abs(preds["gpu_decode"] - preds["float"]).max() < 1e-3  # crops within a grey level
