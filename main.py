@@ -28,7 +28,7 @@ from engine.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
 from engine.predictions import score_and_report
 from engine.run_log import RunLog
 from engine.run_setup import UsageError, build_run, check_recipe_flags, read_labels
-from engine.runtime import Runtime, resolve_speed_flags
+from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from engine.signals import StopOnSignals, StopRequested
 from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from fileio import OutputWriteError, check_writable
@@ -118,6 +118,8 @@ def get_args_parser():
     g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--uint8_transfer", choices=UINT8_TRANSFER_CHOICES, default="auto",
+                   help="loader workers hand uint8 crops; the device converts and normalises them (auto: on for CUDA)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -160,9 +162,9 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
-    rt = Runtime(device, amp, channels_last, dist_info, show_progress=not args.quiet)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    rt = Runtime(device, amp, channels_last, dist_info, show_progress=not args.quiet,
+                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device))
+    configure_backends(rt)  # cudnn.benchmark; IEEE float32 convolutions under --amp off
     try:
         code = 0
         if args.train:
@@ -182,11 +184,13 @@ def train_loaders(args, rt, model_args, train_table, val_table):
     """(training sampler, training loader, validation loader). The training order is a
     function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
     size = model_args["image_size"]
-    train_set = ImageDataset.from_table(train_table, train_transform(model_args), (3, size, size), args.max_image_pixels)
+    train_set = ImageDataset.from_table(train_table, train_transform(model_args, uint8=rt.uint8_transfer), (3, size, size),
+                                        args.max_image_pixels)
     sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
     # drop_last only under --compile, where a smaller last batch would trigger a recompile.
     train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
-    val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels)
+    val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels,
+                                uint8=rt.uint8_transfer)
     val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
                              sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
     return sampler, train_loader, val_loader
@@ -204,6 +208,7 @@ def train(args, rt) -> int:
     train_table = read_labels(args, args.train_csv_file, log)
     val_table = read_labels(args, args.val_csv_file, log)
     model, optimizer, scheduler, state, model_args = build_run(args, rt)
+    rt = rt.for_model(model_args)  # uint8 batches are normalised on the device as this model expects
     new_folder = not os.path.isdir(args.ckpt_path)
     if rt.dist.is_main:
         check_writable(args.ckpt_path)
@@ -309,6 +314,7 @@ def test_split(args, rt) -> int:
     path = os.path.join(args.ckpt_path, name)
     table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
+    rt = rt.for_model(model_args)
     _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
                                  batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
                                  contact_sheet=args.contact_sheet, title=f"test set ({path})",

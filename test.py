@@ -26,7 +26,7 @@ from engine.explain_pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter
 from engine.loaders import default_batch_size, default_workers
 from engine.predictions import score_and_report
-from engine.runtime import Runtime, resolve_speed_flags
+from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
 from model.checkpoint import NORMALIZE_CHOICES
@@ -58,6 +58,10 @@ def get_args_parser():
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
+    p.add_argument("--uint8_transfer", choices=UINT8_TRANSFER_CHOICES, default="auto",
+                   help="loader workers hand uint8 crops; the device converts and normalises them (auto: on for CUDA)")
+    p.add_argument("--gpu_decode", action="store_true",
+                   help="decode JPEGs on the device in batches (nvJPEG on CUDA); other files, and JPEGs it refuses, go through Pillow")
     p.add_argument("--contact_sheet", type=int, default=0, metavar="K",
                    help="also write contact_sheet.png: the K highest and K lowest scored images (0: off)")
     p.add_argument("--explain", default="0", metavar="K|all",
@@ -108,9 +112,10 @@ def main(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
-    rt = Runtime(device=device, amp=amp, channels_last=channels_last, show_progress=not args.quiet)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # every batch has the same shape: autotune once, as main.py does
+    rt = Runtime(device=device, amp=amp, channels_last=channels_last, show_progress=not args.quiet,
+                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device),
+                 gpu_decode=args.gpu_decode).for_model(model_args)
+    configure_backends(rt)  # cudnn.benchmark; IEEE float32 convolutions under --amp off
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:

@@ -13,13 +13,14 @@ from .metrics import compute_metrics
 from .training import BadImageError
 
 
-def inference_transform(model_args, tta=1):
-    """PIL RGB image -> (3, H, W) centre crop, or (tta, 3, H, W) fixed crops under TTA."""
-    return eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
+def inference_transform(model_args, tta=1, uint8=False):
+    """PIL RGB image -> (3, H, W) centre crop, or (tta, 3, H, W) fixed crops under TTA;
+    uint8 crops with uint8=True (Runtime.images_to_device converts them)."""
+    return eval_transform(model_args, uint8=uint8) if tta == 1 else TTACrops(model_args, tta, uint8=uint8)
 
 
-def inference_dataset(paths, model_args, dists=None, tta=1, max_pixels=None):
-    transform = inference_transform(model_args, tta)
+def inference_dataset(paths, model_args, dists=None, tta=1, max_pixels=None, uint8=False):
+    transform = inference_transform(model_args, tta, uint8)
     size = model_args["image_size"]
     shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
     return ImageDataset(paths, transform, dists, image_shape=shape, max_pixels=max_pixels)
@@ -37,9 +38,14 @@ def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1, 
     [(index, reason)] for the rest). Every item once, across ranks. A list passed as
     `warned` receives (index, warning text) of the scored images whose decoder warned,
     all ranks' (sorted by index)."""
-    dataset = inference_dataset(paths, model_args, tta=tta, max_pixels=max_pixels)
-    sampler = ShardSampler(len(dataset), rt.dist.world_size, rt.dist.rank)
-    loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt, sampler=sampler)
+    sampler = ShardSampler(len(paths), rt.dist.world_size, rt.dist.rank)
+    if rt.gpu_decode:
+        from .gpu_decode import device_decode_loader  # torchvision.io: only when asked for
+        loader = device_decode_loader(paths, model_args, rt, images_per_batch(batch_size, tta), workers, tta,
+                                      sampler=sampler, max_pixels=max_pixels)
+    else:
+        dataset = inference_dataset(paths, model_args, tta=tta, max_pixels=max_pixels, uint8=rt.uint8_transfer)
+        loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt, sampler=sampler)
     mine = []
     result = gather_predictions(rt, *predict(model, loader, rt, desc="score", warned=mine))
     if warned is not None:
