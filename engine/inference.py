@@ -62,13 +62,7 @@ def predict(model, loader, rt, desc="predict", warned=None):
     model.eval()
     indices, dists, errors = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not rt.progress, dynamic_ncols=True, leave=False):
-        images = batch["image"]
-        crops = images.shape[1] if images.dim() == 5 else 1
-        if crops > 1:
-            images = images.flatten(0, 1)
-        with rt.autocast():
-            out = model(rt.images_to_device(images))
-        out = out.float().view(len(batch["index"]), crops, -1).mean(dim=1).cpu()
+        out = batch_distributions(model, batch["image"], rt)
         warning = batch.get("warning") or [""] * len(batch["index"])
         for i, ok, err, warn, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], warning, out):
             if ok:
@@ -79,6 +73,16 @@ def predict(model, loader, rt, desc="predict", warned=None):
             else:
                 errors.append((i, err))
     return indices, (np.stack(dists) if dists else np.zeros((0, NUM_BINS))), errors
+
+
+def batch_distributions(model, images, rt) -> torch.Tensor:
+    """The model's (B, 10) float32 distributions on the CPU for a loader batch of images,
+    (B, C, H, W) or (B, N, C, H, W) under TTA (the N crops' distributions averaged).
+    Call under torch.no_grad() with the model in eval mode."""
+    crops = images.shape[1] if images.dim() == 5 else 1
+    with rt.autocast():
+        out = model(rt.images_to_device(images.flatten(0, 1) if crops > 1 else images))
+    return out.float().view(len(images), crops, -1).mean(dim=1).cpu()
 
 
 def gather_predictions(rt, indices, dists, errors):
