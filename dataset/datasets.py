@@ -52,19 +52,22 @@ class ImageDataset(Dataset):
         if seed is not None:
             torch.manual_seed(seed)
         target = self.dists[index] if self.dists is not None else torch.full((NUM_BINS,), float("nan"))
-        warning = ""
+        image, ok, error, warning = self.decode(self.paths[index])
+        return {"index": index, "image": image, "target": target, "ok": ok, "error": error, "warning": warning}
+
+    def decode(self, source) -> tuple:
+        """(image tensor, ok, error, warning) of one image: `source` is a path or a binary
+        file object (a tar member's bytes). Never raises for a bad image: it comes back
+        blank with ok False and the reason."""
         try:
-            rgb, warning = read_rgb(self.paths[index], self.max_pixels)
+            rgb, warning = read_rgb(source, self.max_pixels)
             if self.resize_to:  # before the resize allocates it
                 check_resizable(rgb.size, self.resize_to, self.max_pixels)
-            image = self.transform(rgb)
-            ok, error = True, ""
+            return self.transform(rgb), True, "", warning
         except ImageReadError as exc:
-            image, ok, error = self.blank(), False, str(exc)
+            return self.blank(), False, str(exc), ""
         except Exception as exc:  # noqa: BLE001 - the transforms on an odd image: one unreadable sample, not a dead worker
-            image, ok, error = self.blank(), False, f"cannot transform: {type(exc).__name__}: {exc}"[:200]
-        return {"index": index, "image": image, "target": target, "ok": ok, "error": error,
-                "warning": warning if ok else ""}
+            return self.blank(), False, f"cannot transform: {type(exc).__name__}: {exc}"[:200], ""
 
     def blank(self) -> torch.Tensor:
         """The stand-in for an unreadable image: zeros of the readable ones' shape and dtype."""

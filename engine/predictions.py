@@ -92,8 +92,16 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
     from .plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
                                      mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)
-    print((f"{title}: " if title else "") + f"scored {len(indices)} of {len(ids)} images -> "
-          f"{os.path.join(out_dir, 'predictions.csv')}, pred.txt" + "".join(f", {os.path.basename(p)}" for p in pictures))
+    print_report(out_dir, len(indices), len(ids), metrics, errors, warned, pictures, title)
+    return metrics, errors
+
+
+def print_report(out_dir, scored, total, metrics, errors, warned, pictures, title=None, written=("pred.txt",)) -> None:
+    """What a scoring run wrote and found, on the terminal: the files, the paper's table
+    (with labels), the counts of warnings and unreadable images (the first 10 named)."""
+    print((f"{title}: " if title else "") + f"scored {scored} of {total} images -> "
+          f"{os.path.join(out_dir, 'predictions.csv')}" + "".join(f", {name}" for name in written)
+          + "".join(f", {os.path.basename(p)}" for p in pictures))
     if metrics:
         print(format_table(metrics))
     if "scaled" in metrics:
@@ -107,4 +115,3 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
         print(f"{len(errors)} image(s) could not be read; see {os.path.join(out_dir, 'errors.csv')}", file=sys.stderr)
         for path, reason in errors[:10]:
             print(f"  {path}: {reason}", file=sys.stderr)
-    return metrics, errors
