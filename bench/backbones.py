@@ -1,8 +1,8 @@
 """The backbone table: size, cost and CPU speed of every curated base network, beside
 the paper's AVA figures where the paper trained that network.
 
-    python bench/backbones.py                      # every curated backbone, then a markdown table
-    python bench/backbones.py --names resnet50 mobilenet_v2 --iters 10 --out backbones.jsonl
+    python -m bench.backbones                      # every curated backbone, then a markdown table
+    python -m bench.backbones --names resnet50 mobilenet_v2 --iters 10 --out backbones.jsonl
 
 For each backbone (with the NIMA head, at its default input size, random weights):
   params      all parameters of the NIMA model, head included
@@ -21,16 +21,13 @@ import platform
 import statistics
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python bench/backbones.py`
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from bench.timing import timed  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
-from model import build_model, default_model_args, list_backbones  # noqa: E402
+from bench.timing import timed
+from fileio import atomic_write_text
+from model import build_model, default_model_args, list_backbones
 
 # The paper's AVA results (Talebi & Milanfar 2018, table of AVA results): accuracy, LCC
 # and SRCC of the mean score. Its networks are not all in torchvision, so each row says

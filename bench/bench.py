@@ -1,8 +1,8 @@
 """Benchmark: how fast NIMA trains and predicts, ours against a reference-style loop
 measured in the same run, on the same device.
 
-    python bench/bench.py --device cuda --out bench.jsonl          # VGG16 at 224, batch 128
-    python bench/bench.py --quick --device cpu                     # smoke run, well under a minute
+    python -m bench.bench --device cuda --out bench.jsonl          # VGG16 at 224, batch 128
+    python -m bench.bench --quick --device cpu                     # smoke run, well under a minute
 
 Prints one JSON line per figure as it is measured, then a table (images/s):
   decode_1core     load_rgb + eval_transform, one process, one thread: originals vs cache
@@ -32,18 +32,15 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python bench/bench.py`
-    sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from bench import figures  # noqa: E402
-from bench.ava_like import folder_stats, make_ava_like_jpegs  # noqa: E402
-from engine.distributed import pick_device  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
-from model import default_model_args  # noqa: E402
-from tools import resize_images  # noqa: E402
+from bench import figures
+from bench.ava_like import folder_stats, make_ava_like_jpegs
+from engine.distributed import pick_device
+from fileio import atomic_write_text
+from model import default_model_args
+from tools import resize_images
 
 QUICK = {"base_model": "tiny_cnn", "batch_size": 4, "steps": 2, "warmup": 1, "num_images": 8, "infer_images": 8,
          "workers": 1}

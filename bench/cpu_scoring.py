@@ -61,7 +61,6 @@ def run_measured(cmd) -> dict:
 
 def prepare(folder, sizes) -> tuple:
     """A released-format VGG16 checkpoint and one folder of AVA-like JPEGs per size."""
-    sys.path.insert(0, ROOT)
     import torch
 
     from bench.ava_like import make_ava_like_jpegs

@@ -59,7 +59,7 @@ else
   TRAIN_EXTRA=""  # main.py's defaults: batch 128, bf16 + channels_last on CUDA
 fi
 
-steps() { "$PY" bench/gpu_steps.py "$@"; }
+steps() { "$PY" -m bench.gpu_steps "$@"; }
 left() { echo $((BUDGET - SECONDS)); }
 # run NAME CAP_S [run options] -- COMMAND...: logged to $LOGS/NAME.log and recorded,
 # stopped after CAP_S or when the call's budget runs out, whichever comes first; not
@@ -108,7 +108,7 @@ CACHE="$DATA/cache$SIZE"
 echo "# gpu_check: steps $STEPS, card $CARD, device $DEVICE, model $MODEL, data $DATA, results $GPU_CHECK_JSONL"
 
 make_data() {  # idempotent: files already there are kept
-  run data 120 -- "$PY" bench/gpu_steps.py data "$DATA" --images "$IMAGES" --size "$SIZE" --workers "$WORKERS" \
+  run data 120 -- "$PY" -m bench.gpu_steps data "$DATA" --images "$IMAGES" --size "$SIZE" --workers "$WORKERS" \
     --train "$TRAIN" --val "$VAL" --test "$TEST"
   head -n "$PARITY" "$DATA/test.csv" > "$DATA/parity.csv"
 }
@@ -138,16 +138,16 @@ step_suite() {
 
 step_bench() {
   check peak
-  run bench_b128 320 --parse bench -- "$PY" bench/bench.py --device "$DEVICE" --only train_synthetic,infer_synthetic \
+  run bench_b128 320 --parse bench -- "$PY" -m bench.bench --device "$DEVICE" --only train_synthetic,infer_synthetic \
     --batch_size "$BATCH" --infer_images "$INFER_IMAGES" "${BENCH_ARGS[@]}" --out "$LOGS/bench_b128.jsonl"
-  run bench_b256 190 --parse bench -- "$PY" bench/bench.py --device "$DEVICE" --only train_synthetic,infer_synthetic \
+  run bench_b256 190 --parse bench -- "$PY" -m bench.bench --device "$DEVICE" --only train_synthetic,infer_synthetic \
     --batch_size $((BATCH * 2)) --infer_images "$INFER_IMAGES" --variants bf16+channels_last,bf16+channels_last+compile,channels_last \
     "${BENCH_ARGS[@]}" --out "$LOGS/bench_b256.jsonl"
 }
 
 step_e2e() {
   make_data
-  run bench_jpeg 400 --parse bench -- "$PY" bench/bench.py --device "$DEVICE" --only decode_1core,loader,train_jpeg,infer_jpeg \
+  run bench_jpeg 400 --parse bench -- "$PY" -m bench.bench --device "$DEVICE" --only decode_1core,loader,train_jpeg,infer_jpeg \
     --data_dir "$DATA" --num_images $((IMAGES < 2048 ? IMAGES : 2048)) --workers "$WORKERS" --batch_size "$BATCH" \
     --infer_images "$INFER_IMAGES" "${BENCH_ARGS[@]}" --out "$LOGS/bench_jpeg.jsonl"
 }
@@ -188,13 +188,13 @@ step_train() {
   local d="$DATA/ckpt_default" t="$DATA/ckpt_torchrun"
   rm -rf "$d" "$t"
   # shellcheck disable=SC2046
-  run train_default 170 --merge "$LOGS/train_default.json" -- "$PY" bench/gpu_steps.py main --json "$LOGS/train_default.json" \
+  run train_default 170 --merge "$LOGS/train_default.json" -- "$PY" -m bench.gpu_steps main --json "$LOGS/train_default.json" \
     -- $(train_args "$d") --epochs "$EPOCHS"
   check check_run --name train_default_outputs "$d" --epochs "$EPOCHS"
   # process_group_backends in its record says whether a process group (NCCL) was made.
   # shellcheck disable=SC2046
   run train_torchrun 170 --merge "$LOGS/train_torchrun.json" -- "$PY" -m torch.distributed.run --standalone \
-    --nproc_per_node=1 bench/gpu_steps.py main --json "$LOGS/train_torchrun.json" -- $(train_args "$t") --epochs "$EPOCHS"
+    --nproc_per_node=1 -m bench.gpu_steps main --json "$LOGS/train_torchrun.json" -- $(train_args "$t") --epochs "$EPOCHS"
   check check_run --name train_torchrun_outputs "$t" --epochs "$EPOCHS"
 }
 
@@ -233,7 +233,7 @@ step_compile() {
   local c="$DATA/ckpt_compile"
   rm -rf "$c"
   # shellcheck disable=SC2046
-  run train_compile 260 --merge "$LOGS/train_compile.json" -- env TORCH_LOGS=recompiles "$PY" bench/gpu_steps.py main \
+  run train_compile 260 --merge "$LOGS/train_compile.json" -- env TORCH_LOGS=recompiles "$PY" -m bench.gpu_steps main \
     --json "$LOGS/train_compile.json" -- $(train_args "$c") --epochs "$EPOCHS" --compile
   check recompiles --name train_compile_recompiles "$LOGS/train_compile.log"
   # shellcheck disable=SC2046
@@ -248,7 +248,7 @@ step_compile() {
 
 step_profile() {
   make_data
-  run profile 240 -- "$PY" bench/gpu_steps.py profile "$DATA" --out "$OUT" --base_model "$MODEL" \
+  run profile 240 -- "$PY" -m bench.gpu_steps profile "$DATA" --out "$OUT" --base_model "$MODEL" \
     --batch_size $((BATCH * 2)) --workers "$WORKERS"
 }
 

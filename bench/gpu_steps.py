@@ -6,19 +6,19 @@ two prediction files, profile training steps, and print the summary.
 Every record goes to the JSONL file named by $GPU_CHECK_JSONL (one JSON object per
 line, each with the step from $GPU_CHECK_STEP); see bench/GPU.md.
 
-    python bench/gpu_steps.py env
-    python bench/gpu_steps.py peak
-    python bench/gpu_steps.py data DIR --images 10000 --size 256 --workers 16
-    python bench/gpu_steps.py ckpt PATH --base_model vgg16
-    python bench/gpu_steps.py run --name NAME --log LOG [--timeout S] [--images N] [--parse pytest|bench]
+    python -m bench.gpu_steps env
+    python -m bench.gpu_steps peak
+    python -m bench.gpu_steps data DIR --images 10000 --size 256 --workers 16
+    python -m bench.gpu_steps ckpt PATH --base_model vgg16
+    python -m bench.gpu_steps run --name NAME --log LOG [--timeout S] [--images N] [--parse pytest|bench]
                               [--merge JSON] -- COMMAND ...
-    python bench/gpu_steps.py main --json OUT.json -- MAIN.PY ARGS      (also under torchrun)
-    python bench/gpu_steps.py check_run CKPT_DIR --epochs 3
-    python bench/gpu_steps.py compare --name NAME PRED_DIR_A PRED_DIR_B
-    python bench/gpu_steps.py marginal --name NAME --small RUN_NAME --big RUN_NAME
-    python bench/gpu_steps.py card
-    python bench/gpu_steps.py profile DIR [--steps 10]
-    python bench/gpu_steps.py summary JSONL
+    python -m bench.gpu_steps main --json OUT.json -- MAIN.PY ARGS      (also under torchrun)
+    python -m bench.gpu_steps check_run CKPT_DIR --epochs 3
+    python -m bench.gpu_steps compare --name NAME PRED_DIR_A PRED_DIR_B
+    python -m bench.gpu_steps marginal --name NAME --small RUN_NAME --big RUN_NAME
+    python -m bench.gpu_steps card
+    python -m bench.gpu_steps profile DIR [--steps 10]
+    python -m bench.gpu_steps summary JSONL
 """
 import argparse
 import csv
@@ -35,8 +35,6 @@ import sysconfig
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python bench/gpu_steps.py` or by torchrun
-    sys.path.insert(0, ROOT)
 
 # Packages the GPU machine's image lacks and bench/gpu_prepare.sh brings as wheels.
 CARRIED = ("tensorboardX", "fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "python-multipart")

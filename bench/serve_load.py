@@ -2,9 +2,9 @@
 percentiles at several client concurrencies, beside the model called directly in a
 batch loop in the same run.
 
-    python bench/serve_load.py                         # tiny_cnn and VGG16, concurrency 1, 8, 32
-    python bench/serve_load.py --models vgg16 --device cuda --out serve_load.jsonl
-    python bench/serve_load.py --quick                 # smoke run: tiny_cnn, concurrency 1 and 4
+    python -m bench.serve_load                         # tiny_cnn and VGG16, concurrency 1, 8, 32
+    python -m bench.serve_load --models vgg16 --device cuda --out serve_load.jsonl
+    python -m bench.serve_load --quick                 # smoke run: tiny_cnn, concurrency 1 and 4
 
 For each model (random weights: tiny_cnn in our checkpoint format, VGG16 in the
 reference's released state_dict format), on AVA-like JPEGs (bench/ava_like.py):
@@ -30,21 +30,19 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python bench/serve_load.py`
-    sys.path.insert(0, ROOT)
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import httpx
+import numpy as np
+import torch
 
-from bench.ava_like import make_ava_like_jpegs  # noqa: E402
-from bench.backbones import hardware  # noqa: E402
-from dataset.images import load_rgb  # noqa: E402
-from engine.distributed import pick_device  # noqa: E402
-from engine.flags import HelpFormatter  # noqa: E402
-from engine.scorer import Scorer  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
-from model import build_model, default_model_args, save_checkpoint  # noqa: E402
+from bench.ava_like import make_ava_like_jpegs
+from bench.backbones import hardware
+from dataset.images import load_rgb
+from engine.distributed import pick_device
+from engine.flags import HelpFormatter
+from engine.scorer import Scorer
+from fileio import atomic_write_text
+from model import build_model, default_model_args, save_checkpoint
 
 MODELS = ("tiny_cnn", "vgg16")
 START_TIMEOUT_S = 300

@@ -21,7 +21,7 @@ REFERENCE_FIGURES = ("train_synthetic", "infer_synthetic", "train_jpeg", "infer_
 
 def test_quick_run_reports_every_figure(tmp_path):
     out = tmp_path / "bench.jsonl"
-    proc = subprocess.run([sys.executable, "bench/bench.py", "--quick", "--device", "cpu", "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

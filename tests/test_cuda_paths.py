@@ -167,7 +167,7 @@ def test_main_and_test_py_on_cuda_defaults(demo_data, tmp_path):
 def test_bench_quick_on_cuda(tmp_path):
     """The benchmark's CUDA variants (bf16, bf16 + channels_last) run; no time asserted."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "bench/bench.py", "--quick", "--device", "cuda", "--no_compile"],
+    proc = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--device", "cuda", "--no_compile"],
                           cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
