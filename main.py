@@ -196,11 +196,11 @@ def train_loaders(args, rt, model_args, train_table, val_table):
     return sampler, train_loader, val_loader
 
 
-def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, val_errors, frozen) -> dict:
-    """One line of metrics.jsonl (README, "Training outputs")."""
+def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, warned, val_errors, frozen) -> dict:
+    """One line of metrics.jsonl (README, "Training on AVA")."""
     return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs, "base_frozen": frozen,
             "seconds": progress.seconds, "images_per_second": progress.samples * world_size / max(progress.seconds, 1e-9),
-            "skipped_images": len(skipped), "val_unreadable_images": len(val_errors)}
+            "skipped_images": len(skipped), "warned_images": len(warned), "val_unreadable_images": len(val_errors)}
 
 
 def train(args, rt) -> int:
@@ -256,15 +256,14 @@ def train(args, rt) -> int:
                                            global_step=(epoch - 1) * steps_per_epoch, clip_grad_norm=args.clip_grad_norm,
                                            on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
                 train_loss = epoch_train_loss(rt, progress)
-                # All ranks' unreadable images; a set, since after a mid-epoch resume every rank
-                # starts from rank 0's saved list (an image occurs once per epoch).
-                skipped = sorted({p for part in distributed.gather_objects(rt.dist, progress.skipped) for p in part})
+                skipped = distributed.gather_union(rt.dist, progress.skipped)
+                warned = distributed.gather_union(rt.dist, progress.warned)  # used, but their decoder warned
                 distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
                 val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
                 if scheduler is not None:
                     scheduler.step()
                 improved = state.end_epoch(epoch, args.monitor, val[args.monitor[len("val_"):]])
-                record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, val_errors, frozen)
+                record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, warned, val_errors, frozen)
                 if ckpts is not None:
                     run_log.end_epoch(record)  # before the checkpoints: see MetricsLog
                     ckpts.end_epoch(state, improved)

@@ -117,6 +117,12 @@ def gather_objects(info: DistInfo, obj) -> list:
     return out
 
 
+def gather_union(info: DistInfo, items: list) -> list:
+    """Every rank's items, each once, sorted. A set, since after a mid-epoch resume every
+    rank starts from rank 0's saved list (an image occurs once per epoch)."""
+    return sorted({x for part in gather_objects(info, items) for x in part})
+
+
 def all_reduce_sum(info: DistInfo, values: list) -> list:
     if not info.enabled:
         return values

@@ -96,6 +96,7 @@ def test_training_skips_exactly_the_broken_images(trained, mixed):
         records = [json.loads(line) for line in f]
     assert [r["skipped_images"] for r in records] == [len(broken)]
     assert records[0]["val_unreadable_images"] == 1
+    assert records[0]["warned_images"] == len(WARNED)  # used for training, their warnings counted, not printed
     for name, reason in broken.items():
         assert f"{name}: {reason}" in out, name
     assert_no_traceback(err)
