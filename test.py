@@ -1,9 +1,12 @@
 """Score images with a trained NIMA model.
 
     python test.py --model CKPT --test_csv test.csv --test_images IMAGES --predictions OUT
-    python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png' --predictions OUT
+    python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png'|'shards/{000000..000099}.tar' ... --predictions OUT
+    python test.py --model CKPT --file_list LIST.txt --predictions OUT [--resume] [--output_format parquet]
+    torchrun --nproc_per_node=8 test.py ...     (each process scores its share; one merged output)
 
-Writes predictions.csv, pred.txt, and with labels metrics.json and scatter.png
+Results stream into OUT/parts/ as they come (engine/collection.py); at the end they are
+merged into predictions.csv, pred.txt, and with labels metrics.json and scatter.png
 (README, "Formats"); with --contact_sheet K also contact_sheet.png.
 Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
 written); 2 bad usage or unreadable checkpoint/CSV.
@@ -19,12 +22,16 @@ from dataset import LabelFileError, find_images, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.labels import LabelTable
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
+from dataset.sources import resolve_specs, table_source
 from dataset.transforms import check_tta
 from engine.checkpoints import recorded_args
-from engine.distributed import pick_device
+from engine import distributed
+from engine.collection import PART_SIZE, collection_workers, score_collection
 from engine.explain_pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter
 from engine.loaders import default_batch_size, default_workers
+from engine.merge import PARQUET_HINT, OpenersById, merge_and_report
+from engine.parts import ResumeError, parts_dir
 from engine.predictions import score_and_report
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
@@ -37,8 +44,26 @@ def get_args_parser():
                                 formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (epoch-N.pth, best.pth, last.pth) or the reference's released state_dict")
     p.add_argument("--test_csv", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
-    p.add_argument("--test_images", required=True, help="image folder for --test_csv; otherwise one image, a folder (recursive) or a quoted glob")
-    p.add_argument("--predictions", default="predictions", help="output folder (files are replaced atomically)")
+    p.add_argument("--test_images", nargs="+", default=None, metavar="SPEC",
+                   help="image folder for --test_csv; otherwise one or more of: an image, a folder (recursive), a quoted "
+                        "glob, a tar shard (WebDataset layout: members KEY.jpg, ...), a brace range of shards "
+                        "'shards/{000000..000999}.tar' or a quoted glob of .tar files")
+    p.add_argument("--file_list", default=None, metavar="LIST",
+                   help="a text file of image paths, one per line (relative ones from the list's folder; blank lines and "
+                        "# comments skipped); with or instead of --test_images")
+    p.add_argument("--predictions", default="predictions",
+                   help="output folder: results stream into its parts/ folder, merged at the end into the prediction "
+                        "files (each replaced atomically)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the results in <predictions>/parts/ of an earlier run of the same command (killed or not) "
+                        "and score only the images they lack")
+    p.add_argument("--output_format", choices=["csv", "parquet"], default="csv",
+                   help="parquet: also predictions.parquet, the same table (needs pyarrow: requirements-parquet.txt)")
+    p.add_argument("--part_size", type=int, default=PART_SIZE, metavar="N",
+                   help="results per part file (a part is also written every 10 s): what a kill can lose at most")
+    p.add_argument("--dist_timeout", type=int, default=1800,
+                   help="under torchrun: seconds a process waits for the others (at the start, and at the end for the "
+                        "slowest to finish its share) before the job fails")
     p.add_argument("--label_format", choices=LABEL_FORMATS, default=None,
                    help="format of --test_csv: distribution (id + 10 ratings) or mos (image_id,mos[,std]); "
                         "default: the checkpoint's training run's, else distribution")
@@ -73,62 +98,130 @@ def get_args_parser():
     return p
 
 
-def load_inputs(args, score_range=None) -> tuple:
-    """(table of images to score, ids to write); a --test_csv of MOS labels when
-    score_range is given. Raises LabelFileError / ValueError."""
+def check_flags(args) -> None:
+    """Usage errors that need nothing read (ValueError)."""
+    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
+        raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    check_tta(args.tta)
+    if args.contact_sheet < 0:
+        raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
+    check_max_pixels(args.max_image_pixels)
+    if args.part_size < 1 or args.dist_timeout < 1:
+        raise ValueError(f"--part_size and --dist_timeout must be >= 1, got {args.part_size} and {args.dist_timeout}")
+    if not args.test_images and not args.file_list:
+        raise ValueError("give --test_images SPEC [SPEC ...] and/or --file_list LIST")
+    if args.test_csv and (args.file_list or len(args.test_images or ()) != 1):
+        raise ValueError("with --test_csv, --test_images is the one folder of the CSV's images (and no --file_list)")
+    if args.gpu_decode and (args.file_list or args.resume or len(args.test_images) > 1 or args.output_format != "csv"):
+        raise ValueError("--gpu_decode scores in memory from one --test_images spec or --test_csv: it does not take "
+                         "--file_list, --resume, several specs or --output_format parquet")
+    if args.output_format == "parquet":
+        try:
+            import pyarrow.parquet  # noqa: F401
+        except ImportError:
+            raise ValueError(f"--output_format parquet needs pyarrow, which is not installed: {PARQUET_HINT}") from None
+
+
+def read_table(args, score_range=None):
+    """The --test_csv table (of MOS labels when score_range is given). Raises
+    LabelFileError / ValueError."""
+    folder = args.test_images[0]
+    if not os.path.isdir(folder):
+        raise ValueError(f"--test_images {folder}: no such folder (with --test_csv it is the folder of the images the CSV names)")
+    if score_range is None:
+        return read_label_csv(args.test_csv, folder, require_labels=False, require_images=False)
+    return read_mos_csv(args.test_csv, folder, score_range, require_labels=False, require_images=False)
+
+
+def collection_inputs(args, score_range=None) -> tuple:
+    """(label table or None, sources) of a streaming run."""
     if args.test_csv:
-        if not os.path.isdir(args.test_images):
-            raise ValueError(f"--test_images {args.test_images}: no such folder (with --test_csv it is the folder of the images the CSV names)")
-        if score_range is None:
-            table = read_label_csv(args.test_csv, args.test_images, require_labels=False, require_images=False)
-        else:
-            table = read_mos_csv(args.test_csv, args.test_images, score_range, require_labels=False, require_images=False)
+        table = read_table(args, score_range)
+        return table, [table_source(table)]
+    return None, resolve_specs(args.test_images, args.file_list)
+
+
+def load_inputs(args, score_range=None) -> tuple:
+    """--gpu_decode's in-memory inputs: (table of images to score, ids to write)."""
+    if args.test_csv:
+        table = read_table(args, score_range)
         return table, table.ids
-    if not os.path.exists(args.test_images) and not glob.has_magic(args.test_images):
-        raise ValueError(f"--test_images {args.test_images}: no such file or folder (give an image, a folder or a quoted glob)")
-    root, paths = find_images(args.test_images)
+    spec = args.test_images[0]
+    if not os.path.exists(spec) and not glob.has_magic(spec):
+        raise ValueError(f"--test_images {spec}: no such file or folder (give an image, a folder or a quoted glob)")
+    root, paths = find_images(spec)
     if not paths:
-        raise ValueError(f"--test_images {args.test_images!r}: no image files found (looked for {', '.join(('.jpg', '.png', '.webp', '...'))})")
+        raise ValueError(f"--test_images {spec!r}: no image files found (looked for {', '.join(('.jpg', '.png', '.webp', '...'))})")
     ids = [os.path.relpath(p, root) for p in paths]
     return LabelTable(csv_path="", ids=ids, paths=paths, lines=[], dists=None), ids
 
 
 def main(args) -> int:
+    is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports usage errors
     try:
-        if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
-            raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
-        check_tta(args.tta)
-        if args.contact_sheet < 0:
-            raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
-        check_max_pixels(args.max_image_pixels)
+        check_flags(args)
+        dist_info, device = distributed.setup(args.device, args.dist_timeout)
+    except ValueError as exc:
+        if is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run(args, dist_info, device)
+    finally:
+        distributed.cleanup(dist_info)
+
+
+def run(args, dist_info, device) -> int:
+    try:
         explain = parse_explain(args.explain)
-        device = pick_device(args.device)
         _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
-        table, ids = load_inputs(args, score_range)
+        if args.gpu_decode:
+            table, ids = load_inputs(args, score_range)
+        else:
+            table, sources = collection_inputs(args, score_range)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
         batch_size = args.batch_size or default_batch_size(device)
-        workers = args.workers if args.workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
+        if args.gpu_decode:
+            workers = args.workers if args.workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
+        else:
+            workers = collection_workers(device, sources, args.workers, batch_size, args.tta,
+                                         peek=len(table) if table is not None else None)
     except (ValueError, LabelFileError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if dist_info.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
-    rt = Runtime(device=device, amp=amp, channels_last=channels_last, show_progress=not args.quiet,
+    rt = Runtime(device=device, amp=amp, channels_last=channels_last, dist=dist_info, show_progress=not args.quiet,
                  uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device),
                  gpu_decode=args.gpu_decode).for_model(model_args)
     configure_backends(rt)  # cudnn.benchmark; IEEE float32 convolutions under --amp off
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
-        _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=batch_size,
-                                     workers=workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
-                                     max_pixels=args.max_image_pixels, score_range=score_range)
-        if explain:  # from the predictions.csv just written
-            write_explanations(model, model_args, args.predictions, dict(zip(ids, table.paths)), explain, device,
+        if args.gpu_decode:
+            _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=batch_size,
+                                         workers=workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
+                                         max_pixels=args.max_image_pixels, score_range=score_range)
+            paths_by_id = dict(zip(ids, table.paths))
+        else:
+            score_collection(model, model_args, sources, rt, args.predictions, model_path=args.model,
+                             batch_size=batch_size, workers=workers, tta=args.tta, max_pixels=args.max_image_pixels,
+                             resume=args.resume, part_size=args.part_size, total=len(table) if table is not None else None)
+            distributed.barrier(rt.dist)  # every process's parts are written
+            if not rt.dist.is_main:
+                return 0  # rank 0 merges and reports every rank's errors
+            ids, openers, errors = merge_and_report(parts_dir(args.predictions), sources, args.predictions, model_args,
+                                                    table=table, score_range=score_range, output_format=args.output_format,
+                                                    contact_sheet=args.contact_sheet, max_pixels=args.max_image_pixels)
+            paths_by_id = OpenersById(ids, openers)
+        if explain and rt.dist.is_main:  # from the predictions.csv just written
+            write_explanations(model, model_args, args.predictions, paths_by_id, explain, device,
                                args.max_image_pixels, show_progress=not args.quiet)
-    except OutputWriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OutputWriteError, ResumeError) as exc:
+        if rt.dist.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if errors else 0
+    return 1 if errors and rt.dist.is_main else 0
 
 
 if __name__ == "__main__":
