@@ -230,3 +230,17 @@ def test_make_shards_from_a_folder_and_a_csv(mixed, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
     assert score(mixed["ckpt"], tmp_path / "pred", "--test_images", str(out / "{000000..000000}.tar")) == 0
     assert [r["image_id"] for r in rows(tmp_path / "pred")] == ["a", "v1_2"]
+
+
+def test_pictures_and_explanations_of_tar_members(mixed, tmp_path):
+    from dataset.images import ImageReadError, load_rgb
+    from engine.merge import member_bytes
+    shard = mixed["shards"] / "000000.tar"
+    data = member_bytes(str(shard), "s0_003.jpg", f"{shard}:s0_003.jpg")
+    assert load_rgb(data).size == (64, 48) and str(data) == f"{shard}:s0_003.jpg"
+    with pytest.raises(ImageReadError, match="zero-byte"):  # gone since it was scored: the picture says unreadable
+        load_rgb(member_bytes(str(shard), "absent.jpg", "x"))
+    out = tmp_path / "out"
+    assert score(mixed["ckpt"], out, "--test_images", shard, "--contact_sheet", "2", "--explain", "1") == 1
+    assert (out / "contact_sheet.png").exists()
+    assert len(list((out / "explain").glob("*.png"))) == 2  # the best and the worst member, read from the shard again
