@@ -17,6 +17,7 @@ import torch
 
 from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_transform
 from dataset.images import DEFAULT_MAX_PIXELS
+from dataset.labels import shared_images
 from dataset.mos import LABEL_FORMATS
 from dataset.transforms import check_tta
 from engine import distributed
@@ -207,6 +208,10 @@ def train(args, rt) -> int:
     log = print if rt.dist.is_main else (lambda *a, **k: None)
     train_table = read_labels(args, args.train_csv_file, log)
     val_table = read_labels(args, args.val_csv_file, log)
+    shared = shared_images(train_table, val_table)
+    if shared:  # a warning, not an error: small debugging runs validate on their training CSV
+        log(f"warning: {len(shared)} of the {len(val_table)} validation images are also in the training CSV "
+            f"(first: {', '.join(shared[:5])}); an overlap inflates every validation figure")
     model, optimizer, scheduler, state, model_args = build_run(args, rt)
     rt = rt.for_model(model_args)  # uint8 batches are normalised on the device as this model expects
     new_folder = not os.path.isdir(args.ckpt_path)

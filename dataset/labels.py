@@ -1,4 +1,4 @@
-"""Label CSVs (design.md 3.3): one row per image, the id then 10 numbers for ratings 1..10.
+"""Label CSVs (README, "Formats"): one row per image, the id then 10 numbers for ratings 1..10.
 
 The numbers may be vote counts or probabilities; each row is normalised to sum 1.
 A header row is recognised (its rating cells are not numbers) and skipped; every
@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from model.nima import NUM_BINS
+
 from .images import PREFERRED_EXTENSIONS, is_image_file
 
-NUM_BINS = 10
 MAX_PROBLEMS_SHOWN = 30
 
 
@@ -76,12 +77,41 @@ class ImageIndex:
         return os.path.join(self.img_path, name) if name else None
 
 
-def _parse_number(text):
+def parse_number(text):
     try:
         value = float(text)
     except ValueError:
         return None
     return value
+
+
+def file_key(path) -> str:
+    """One key per file however its path is written (`a.jpg`, `./a.jpg`, `x/../a.jpg`),
+    without a system call per row (255k rows)."""
+    return os.path.normcase(os.path.normpath(os.path.abspath(path)))
+
+
+class SameFileCheck:
+    """Rows of one CSV that name the same image file, however their ids are written
+    (`demo00000`, `demo00000.jpg`, `./demo00000`): the second is an error naming both lines."""
+
+    def __init__(self):
+        self.first = {}
+
+    def problem(self, line: int, image_id: str, path: str):
+        first = self.first.setdefault(file_key(path), (line, image_id))
+        if first[0] == line:
+            return None
+        if first[1] == image_id:
+            return f"{line}, column 1: duplicate image id {show_cell(image_id)} (first on line {first[0]})"
+        return (f"{line}, column 1: image {show_cell(image_id)} is the same file as {show_cell(first[1])} on line "
+                f"{first[0]} ({path}); each image may appear once")
+
+
+def shared_images(a: "LabelTable", b: "LabelTable") -> list:
+    """The ids of `b` whose image file is also in `a` (in b's order)."""
+    files = {file_key(p) for p in a.paths}
+    return [image_id for image_id, path in zip(b.ids, b.paths) if file_key(path) in files]
 
 
 def show_cell(text: str, width: int = 40) -> str:
@@ -118,7 +148,7 @@ def read_label_text(csv_path) -> str:
 
 def is_header(cells) -> bool:
     """A first row whose rating cells are not numbers: column names, not data."""
-    return len(cells) > 1 and all(_parse_number(c) is None for c in cells[1:])
+    return len(cells) > 1 and all(parse_number(c) is None for c in cells[1:])
 
 
 @dataclass
@@ -172,7 +202,7 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
     text = read_label_text(csv_path)
     index = ImageIndex(img_path)
     table, problems, rows = LabelTable(csv_path), [], []
-    seen = {}
+    same_file = SameFileCheck()
     for row in label_rows(text):
         line, cells = row.first_line, row.cells
         if row.error:
@@ -186,13 +216,9 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
         image_id = cells[0]
         if not image_id:
             row_problems.append(f"{line}, column 1: empty image id")
-        elif image_id in seen:
-            row_problems.append(f"{line}, column 1: duplicate image id {show_cell(image_id)} (first on line {seen[image_id]})")
-        else:
-            seen[image_id] = line
         values = []
         for col, text_value in enumerate(cells[1:], start=2):
-            value = _parse_number(text_value)
+            value = parse_number(text_value)
             if value is None or not math.isfinite(value):
                 row_problems.append(f"{line}, column {col}: {show_cell(text_value)} is not a finite number")
             elif value < 0:
@@ -209,6 +235,7 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
             path, found = expected_path(index, image_id)
             if not found and require_images:
                 row_problems.append(f"{line}, column 1: image {show_cell(image_id)} not found in {img_path}")
+            row_problems.extend(filter(None, [same_file.problem(line, image_id, path)]))
         problems.extend(row_problems)
         if not row_problems:
             rows.append((image_id, path, line, values))

@@ -16,7 +16,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .labels import NUM_BINS, ImageIndex, LabelFileError, LabelTable, _parse_number, expected_path, label_rows, read_label_text, show_cell
+from model.nima import NUM_BINS
+
+from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, expected_path, label_rows, parse_number,
+                     read_label_text, show_cell)
 from .maxent import maxent_distributions
 
 LABEL_FORMATS = ("distribution", "mos")
@@ -67,7 +70,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
     lo, hi = check_score_range(score_range)
     text = read_label_text(csv_path)
     index = ImageIndex(img_path)
-    problems, rows, seen = [], [], {}
+    problems, rows, same_file = [], [], SameFileCheck()
     valid = "2 (image id, MOS) or 3 (image id, MOS, std)" + ("" if require_labels else ", or 1 (image id only)")
     for row in label_rows(text):
         line, cells = row.first_line, row.cells
@@ -81,11 +84,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
         image_id, bad = cells[0], []
         if not image_id:
             bad.append(f"{line}, column 1: empty image id")
-        elif image_id in seen:
-            bad.append(f"{line}, column 1: duplicate image id {show_cell(image_id)} (first on line {seen[image_id]})")
-        else:
-            seen[image_id] = line
-        values = [_parse_number(c) for c in cells[1:]]
+        values = [parse_number(c) for c in cells[1:]]
         for col, (text_value, value) in enumerate(zip(cells[1:], values), start=2):
             if value is None or not math.isfinite(value):
                 bad.append(f"{line}, column {col}: {show_cell(text_value)} is not a finite number")
@@ -98,6 +97,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
             path, found = expected_path(index, image_id)
             if not found and require_images:
                 bad.append(f"{line}, column 1: image {show_cell(image_id)} not found in {img_path}")
+            bad.extend(filter(None, [same_file.problem(line, image_id, path)]))
         problems.extend(bad)
         if not bad:
             rows.append((image_id, path, line, values))

@@ -75,3 +75,28 @@ def test_every_problem_is_reported_with_line_and_column(images, tmp_path):
 def test_missing_images_are_kept_for_inference(images, tmp_path):
     table = read_label_csv(write(tmp_path / "a.csv", "953619\nnope\n"), images, require_labels=False, require_images=False)
     assert table.ids == ["953619", "nope"] and table.paths[1].endswith("nope.jpg")
+
+
+def test_the_same_file_named_three_ways_is_an_error_naming_both_lines(demo_data, tmp_path):
+    votes = ",1,2,3,4,5,6,7,8,9,10"
+    csv_path = tmp_path / "dup.csv"
+    csv_path.write_text(f"demo00000{votes}\ndemo00001{votes}\ndemo00000.jpg{votes}\n./demo00000{votes}\n")
+    with pytest.raises(LabelFileError) as info:
+        read_label_csv(csv_path, demo_data / "images")
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert problems[0].startswith("3, column 1: image 'demo00000.jpg' is the same file as 'demo00000' on line 1")
+    assert problems[1].startswith("4, column 1: image './demo00000' is the same file as 'demo00000' on line 1")
+
+
+def test_images_in_both_training_and_validation_are_reported_before_training(demo_data, tmp_path, capsys):
+    from conftest import run_main, tiny_train_args
+    args = tiny_train_args(demo_data, tmp_path / "ckpt", "--epochs", "1")
+    i = args.index("--val_csv_file")
+    args[i + 1] = str(demo_data / "train_labels.csv")  # a debugging run validating on its training CSV: allowed
+    assert run_main(args) == 0
+    out = capsys.readouterr().out
+    n = len(read_label_csv(demo_data / "train_labels.csv", demo_data / "images"))
+    first = read_label_csv(demo_data / "train_labels.csv", demo_data / "images").ids[0]
+    assert f"warning: {n} of the {n} validation images are also in the training CSV (first: {first}," in out
+    assert out.index("warning:") < out.index("epoch 1:")

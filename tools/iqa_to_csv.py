@@ -33,7 +33,7 @@ import zipfile
 
 import numpy as np
 
-from dataset.labels import LabelFileError, _parse_number, read_label_text, show_cell, split_lines
+from dataset.labels import LabelFileError, parse_number, read_label_text, show_cell, split_lines
 from dataset.maxent import maxent_distributions
 from dataset.mos import std_to_bins, to_bins
 from fileio import OutputWriteError, atomic_write_text
@@ -75,7 +75,7 @@ def columns(path, header, wanted, optional=()):
 
 def number(where, text, problems, lo=-math.inf, hi=math.inf, what="value"):
     """The number in `text`, or None with a problem appended (not a number, or outside lo..hi)."""
-    value = _parse_number(text)
+    value = parse_number(text)
     if value is None or not math.isfinite(value):
         problems.append(f"{where}: {show_cell(text)} is not a finite number")
     elif not lo <= value <= hi:
