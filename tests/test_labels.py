@@ -1,4 +1,4 @@
-"""Label CSVs in every form design.md 3.3 allows; no row lost."""
+"""Label CSVs in every form the README's "Formats" section allows; no row lost."""
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,11 +1,11 @@
 """Turn the AVA data set's own annotation file into the reference's split CSVs.
 
-    python tools/ava_to_csv.py --ava_txt AVA.txt --img_path IMAGES --out_dir DIR [--seed 0]
+    python -m tools.ava_to_csv --ava_txt AVA.txt --img_path IMAGES --out_dir DIR [--seed 0]
         [--val_size N] [--test_size N | --test_list FILE] [--workers N] [--full_decode]
 
-AVA.txt (design.md 3.4) has 15 space-separated columns: row index, image id, votes
+AVA.txt (README, "Data tools") has 15 space-separated columns: row index, image id, votes
 for ratings 1..10, two semantic tags, challenge id. Writes into DIR, atomically:
-train_labels.csv, val_labels.csv, test_labels.csv (design.md 3.3: no header, id then
+train_labels.csv, val_labels.csv, test_labels.csv (README, "Formats": no header, id then
 the 10 vote fractions, rows in AVA.txt order) and rejected.csv (`image_id,reason`)
 for entries left out: zero votes, image missing from IMAGES, or unreadable. Every
 entry of AVA.txt ends up in exactly one of the four files.
@@ -24,16 +24,14 @@ import io
 import os
 import sys
 
-# Run as `python tools/ava_to_csv.py`: make the project's packages importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from dataset.images import is_image_file  # noqa: E402
-from dataset.images import DEFAULT_MAX_PIXELS  # noqa: E402
-from dataset.labels import NUM_BINS, ImageIndex, LabelFileError, read_label_text, show_cell, split_lines  # noqa: E402
-from fileio import atomic_write_text  # noqa: E402
-from tools.check_images import check_paths  # noqa: E402
+from dataset.images import is_image_file
+from dataset.images import DEFAULT_MAX_PIXELS
+from dataset.labels import NUM_BINS, ImageIndex, LabelFileError, read_label_text, show_cell, split_lines
+from fileio import atomic_write_text
+from tools.check_images import check_paths
 
 AVA_COLUMNS = 15
 # The reference's split (its train/val/test CSVs) of the 255,490 AVA images.

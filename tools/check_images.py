@@ -2,7 +2,7 @@
 zero-byte, truncated, non-image, undecodable and too large (--max_image_pixels) files,
 and, when asked (--min_size), images smaller than you want to keep.
 
-    python tools/check_images.py --img_path IMAGES [--csv train_labels.csv] [--workers 16] [--min_size N]
+    python -m tools.check_images --img_path IMAGES [--csv train_labels.csv] [--workers 16] [--min_size N]
 
 Without --csv every image under IMAGES (recursively) is checked; with --csv the
 images its rows name (a missing file counts as bad too), and a cleaned copy of the
@@ -21,14 +21,12 @@ import os
 import sys
 import time
 
-# Run as `python tools/check_images.py`: make the project's packages importable.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size  # noqa: E402
-from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines  # noqa: E402
-from fileio import atomic_path, atomic_write_text  # noqa: E402
-from tools.parallel import parallel_map  # noqa: E402
+from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size
+from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines
+from fileio import atomic_path, atomic_write_text
+from tools.parallel import parallel_map
 
 
 def check_image(path, min_size=0, full_decode=True, max_pixels=None):

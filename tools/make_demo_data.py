@@ -2,7 +2,7 @@
 visible quality (blur, noise, contrast, exposure), with train/val/test CSVs in the
 reference format (id, then vote counts for ratings 1..10; no header).
 
-    python tools/make_demo_data.py --out data/demo --num_images 600
+    python -m tools.make_demo_data --out data/demo --num_images 600
 """
 import argparse
 import csv

@@ -1,7 +1,7 @@
 """Build a resized image cache: every image re-encoded as an upright RGB JPEG with its
 shorter side at --size, so training and testing decode a few times faster.
 
-    python tools/resize_images.py --src IMAGES --dst IMAGES_256 --size 256 --workers 8
+    python -m tools.resize_images --src IMAGES --dst IMAGES_256 --size 256 --workers 8
     python main.py --train --img_path IMAGES_256 ...      # same CSVs, same ids
 
 Relative paths and file names are kept (the contents are always JPEG, whatever the
@@ -23,16 +23,13 @@ import argparse
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:  # run as `python tools/resize_images.py`
-    sys.path.insert(0, ROOT)
 
-from torchvision.transforms import InterpolationMode  # noqa: E402
-from torchvision.transforms import functional as F  # noqa: E402
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
 
-from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb  # noqa: E402
-from fileio import OutputWriteError, atomic_path  # noqa: E402
-from tools.parallel import parallel_map  # noqa: E402
+from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb
+from fileio import OutputWriteError, atomic_path
+from tools.parallel import parallel_map
 
 WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
 
