@@ -11,6 +11,7 @@ The numbers are the ones test.py writes: the same checkpoint loader, the same de
 the same batched forward pass.
 """
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +90,7 @@ class Scorer:
         a time so that a long list never sits in memory as tensors."""
         step = images_per_batch(self.batch_size, self.tta)
         for start in range(0, len(images), step):
-            chunk = [self.preprocess(self._rgb(item)) for item in images[start:start + step]]
+            chunk = [self._input(item) for item in images[start:start + step]]
             yield {"index": torch.arange(start, start + len(chunk)), "image": torch.stack(chunk),
                    "ok": torch.ones(len(chunk), dtype=torch.bool), "error": [""] * len(chunk)}
 
@@ -101,9 +102,21 @@ class Scorer:
         means, stds = mean_and_std(dists)
         return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
 
+    def _input(self, item) -> torch.Tensor:
+        """One item -> its network input; any failure, decoding or transforming (a 0 x 0
+        image), is an ImageReadError naming the item, as in test.py's loader."""
+        rgb = self._rgb(item)
+        try:
+            return self.preprocess(rgb)
+        except Exception as exc:  # noqa: BLE001 - whatever the transform raises, the item is unusable
+            name = item if isinstance(item, (str, os.PathLike)) else f"{type(item).__name__} {getattr(item, 'size', '')}"
+            raise ImageReadError(f"{name}: cannot be transformed: {type(exc).__name__}: {exc}") from None
+
     def _rgb(self, item) -> Image.Image:
         if isinstance(item, Image.Image):
-            return upright_rgb(item)
+            with warnings.catch_warnings():  # decoder chatter: the image is used all the same, as for files
+                warnings.simplefilter("ignore")
+                return upright_rgb(item)
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
         try:

@@ -102,3 +102,18 @@ def test_scorer_scores_the_centre_crop_cut_by_hand(setup, tmp_path):
         mean = float((np.arange(1, 11) * expected).sum())
         assert s.mean == pytest.approx(mean, abs=1e-6)
         assert s.std == pytest.approx(float(np.sqrt((expected * (np.arange(1, 11) - mean) ** 2).sum())), abs=1e-6)
+
+
+def test_an_in_memory_image_that_cannot_be_transformed_is_an_image_read_error():
+    import torch
+    from PIL import Image
+
+    from dataset import ImageReadError
+    from engine.runtime import Runtime
+    from engine.scorer import Scorer
+    from model import build_model, default_model_args
+    args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
+    scorer = Scorer(build_model(args).eval(), args, Runtime(torch.device("cpu"), show_progress=False))
+    with pytest.raises(ImageReadError, match="Image .*cannot be transformed: ZeroDivisionError"):
+        scorer.score(Image.new("RGB", (0, 0)))
+    assert 1 <= scorer.score(Image.new("RGB", (1, 500))).mean <= 10  # thin, but usable
