@@ -319,6 +319,8 @@ def test_split(args, rt) -> int:
     table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
     rt = rt.for_model(model_args)
+    if rt.channels_last:  # as test.py: the inputs are channels_last on CUDA, so the weights are too
+        model = model.to(memory_format=torch.channels_last)
     _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
                                  batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
                                  contact_sheet=args.contact_sheet, title=f"test set ({path})",
