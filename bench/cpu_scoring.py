@@ -3,7 +3,7 @@ wall time (start-up included), CPU time and peak memory (PSS) of the process tre
 (DataLoader workers included), paired run by run, for 1, 32 and 256 photos.
 
     python -m bench.cpu_scoring [--sizes 1 32 256] [--repeats 3] [--out results.jsonl]
-    python -m bench.cpu_scoring --quick      # 1 and 2 photos, tiny_cnn-free smoke run (the test suite runs it)
+    python -m bench.cpu_scoring --quick      # 1 photo, one run each: a smoke run (the test suite runs it)
 
 The model is VGG16 in the reference's released format (random weights: speed does not
 depend on them); the photos are AVA-like 640x427 JPEGs. Also printed: the bare
@@ -83,11 +83,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="paired runs per size (medians reported)")
     p.add_argument("--data", default=None, help="folder for the photos and checkpoint (default: a temporary folder)")
     p.add_argument("--out", default=None, help="also append one JSON line per size to this file")
-    p.add_argument("--quick", action="store_true", help="sizes 1 and 2, one repeat: a smoke run")
+    p.add_argument("--quick", action="store_true", help="1 photo, one repeat: a smoke run")
     p.add_argument("--test_args", nargs=argparse.REMAINDER, default=[], help="extra test.py flags (last on the line)")
     args = p.parse_args(argv)
     if args.quick:
-        args.sizes, args.repeats = [1, 2], 1
+        args.sizes, args.repeats = [1], 1
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data or tmp
         os.makedirs(folder, exist_ok=True)

@@ -422,7 +422,7 @@ def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
 
 def test_bench_quick(tmp_path):
     out = tmp_path / "serve_load.jsonl"
-    proc = subprocess.run([sys.executable, "bench/serve_load.py", "--quick", "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_load", "--quick", "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
