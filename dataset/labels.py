@@ -192,6 +192,20 @@ def expected_path(index: "ImageIndex", image_id: str) -> tuple:
     return os.path.join(index.img_path, image_id if is_image_file(image_id) else image_id + ".jpg"), False
 
 
+def row_image(index: "ImageIndex", image_id: str, line: int, require_images: bool, same_file: SameFileCheck,
+              problems: list):
+    """The image file of one row (None without an id), appending to `problems` a missing
+    image (when required) and a file that an earlier row already named: the id-to-file
+    rule and the duplicate check of every label reader."""
+    if not image_id:
+        return None
+    path, found = expected_path(index, image_id)
+    if not found and require_images:
+        problems.append(f"{line}, column 1: image {show_cell(image_id)} not found in {index.img_path}")
+    problems.extend(filter(None, [same_file.problem(line, image_id, path)]))
+    return path
+
+
 def read_label_csv(csv_path, img_path, require_labels=True, require_images=True) -> LabelTable:
     """Read and validate a label CSV; raise LabelFileError listing every bad row.
 
@@ -230,12 +244,7 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
                 row_problems.append(f"{line}, columns 2-{NUM_BINS + 1}: all-zero distribution (no votes)")
             elif not math.isfinite(total):
                 row_problems.append(f"{line}, columns 2-{NUM_BINS + 1}: the ratings add up to more than a float holds")
-        path = None
-        if image_id:
-            path, found = expected_path(index, image_id)
-            if not found and require_images:
-                row_problems.append(f"{line}, column 1: image {show_cell(image_id)} not found in {img_path}")
-            row_problems.extend(filter(None, [same_file.problem(line, image_id, path)]))
+        path = row_image(index, image_id, line, require_images, same_file, row_problems)
         problems.extend(row_problems)
         if not row_problems:
             rows.append((image_id, path, line, values))

@@ -18,8 +18,8 @@ import numpy as np
 
 from model.nima import NUM_BINS
 
-from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, expected_path, label_rows, parse_number,
-                     read_label_text, show_cell)
+from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, label_rows, parse_number, read_label_text,
+                     row_image, show_cell)
 from .maxent import maxent_distributions
 
 LABEL_FORMATS = ("distribution", "mos")
@@ -92,12 +92,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
                 bad.append(f"{line}, column 2: MOS {text_value[:40]} is outside --score_range {lo:g} {hi:g}")
             elif col == 3 and value < 0:
                 bad.append(f"{line}, column 3: negative std {text_value[:40]}")
-        path = None
-        if image_id:
-            path, found = expected_path(index, image_id)
-            if not found and require_images:
-                bad.append(f"{line}, column 1: image {show_cell(image_id)} not found in {img_path}")
-            bad.extend(filter(None, [same_file.problem(line, image_id, path)]))
+        path = row_image(index, image_id, line, require_images, same_file, bad)
         problems.extend(bad)
         if not bad:
             rows.append((image_id, path, line, values))
