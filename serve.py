@@ -19,10 +19,9 @@ import sys
 import torch
 
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from engine.flags import HelpFormatter
+from engine.flags import HelpFormatter, add_normalize_flag
 from engine.runtime import configure_backends
 from model import CheckpointError
-from model.checkpoint import NORMALIZE_CHOICES
 
 API_KEY_ENV = "NIMA_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -32,10 +31,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Serve a NIMA checkpoint over HTTP: POST images to /score.",
                                 formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (best.pth, epoch-N.pth, last.pth) or the reference's released state_dict")
-    p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
-                   help="as test.py's: for a bare state_dict only (the reference's release format, which does not record "
-                        "it): none for its 2018-2020 release (epoch-82.pth, assumed by default), imagenet for its June 2021 "
-                        "release (epoch-34.pth); our checkpoints record their own")
+    add_normalize_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 (or ::) for every interface, "
                                                         "behind a load balancer or with --api_key")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (the address is printed)")

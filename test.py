@@ -28,7 +28,7 @@ from engine.checkpoints import recorded_args
 from engine import distributed
 from engine.collection import PART_SIZE, collection_workers, score_collection
 from engine.explain_pictures import parse_explain, write_explanations
-from engine.flags import HelpFormatter
+from engine.flags import HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size, default_workers
 from engine.merge import PARQUET_HINT, OpenersById, merge_and_report
 from engine.parts import ResumeError, parts_dir
@@ -36,7 +36,6 @@ from engine.predictions import score_and_report
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
-from model.checkpoint import NORMALIZE_CHOICES
 
 
 def get_args_parser():
@@ -76,10 +75,7 @@ def get_args_parser():
     p.add_argument("--batch_size", type=int, default=None,
                    help="network inputs per forward pass, under --tta N: N crops per image (default: 8 on a CPU, 64 on CUDA)")
     p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
-    p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
-                   help="for a bare state_dict only (the reference's release format, which does not record it): none for its "
-                        "2018-2020 release (epoch-82.pth, assumed by default), imagenet for its June 2021 release (epoch-34.pth); "
-                        "our checkpoints record their own")
+    add_normalize_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
     p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")

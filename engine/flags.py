@@ -46,3 +46,13 @@ def plain_args(args) -> dict:
     which holds only plain types so that it loads with weights_only=True."""
     return {k: str(v) if isinstance(v, _DefaultStr) else float(v) if isinstance(v, _DefaultFloat) else v
             for k, v in vars(args).items()}
+
+
+def add_normalize_flag(parser) -> None:
+    """--normalize of every command that scores a checkpoint (test.py, serve.py,
+    tools.export): which release a bare state_dict is, since the file does not say."""
+    from model.checkpoint import NORMALIZE_CHOICES
+    parser.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
+                        help="for a bare state_dict only (the reference's release format, which does not record it): "
+                             "none for its 2018-2020 release (epoch-82.pth, assumed by default), imagenet for its June "
+                             "2021 release (epoch-34.pth); our checkpoints record their own")

@@ -25,10 +25,9 @@ import warnings
 import torch
 
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
-from engine.flags import HelpFormatter
+from engine.flags import HelpFormatter, add_normalize_flag
 from fileio import OutputWriteError, atomic_path, atomic_write_json
 from model import CheckpointError, load_for_inference
-from model.checkpoint import NORMALIZE_CHOICES
 from model.nima import NUM_BINS
 
 # onnxscript: torch.onnx's exporter builds the graph with it.
@@ -52,9 +51,7 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Export a NIMA checkpoint to ONNX or TorchScript, checked against PyTorch.",
                                 formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours or the reference's released state_dict")
-    p.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
-                   help="for a bare state_dict only: none (the reference's 2018-2020 release, assumed by default) or "
-                        "imagenet (its June 2021 release); our checkpoints record their own")
+    add_normalize_flag(p)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="what to export to")
     p.add_argument("--out", required=True, help="output file (FILE.json is written beside it)")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (18: onnxruntime >= 1.14 and most runtimes run it)")
