@@ -10,6 +10,12 @@ The model is tiny_cnn at its own size (64 px crops of a 72 px resize, random wei
 so the data path (listing or tar reading, JPEG decoding, resizing, batching, part
 files, merge) is what is timed. The JPEGs are "cached" ones (tools/resize_images.py:
 shorter side 256, about 26 KB): 64 distinct AVA-like photos, each file a copy of one.
+
+Every process runs with OMP_NUM_THREADS=1 (--threads), as torchrun sets it for its
+workers, so 1 and 2 processes differ in the number of processes only. (With torch's
+default of one thread per core beside a loader worker, a 2-core machine shared with
+other jobs measured anywhere from 1.2x to 5x slower than with one thread: the idle
+OpenMP threads spin and starve the decoding worker.)
 """
 import argparse
 import json
@@ -91,12 +97,15 @@ def main(argv=None) -> int:
     p.add_argument("--shard_size", type=int, default=1000, help="images per tar shard")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (2 processes need 2 GPUs there)")
     p.add_argument("--data", default=None, help="folder for the images, shards and checkpoint (default: a temporary folder)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (0: torch's default)")
     p.add_argument("--out", default=None, help="also append one JSON line per run to this file")
     p.add_argument("--quick", action="store_true",
                    help="300 images (4 distinct) in shards of 100, the folder with 1 process and the shards with 2: a smoke run")
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.shard_size = 300, 100
+    if args.threads > 0:  # inherited by every command below (torchrun keeps a value it is given)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.data or tmp
         os.makedirs(folder, exist_ok=True)
@@ -110,7 +119,8 @@ def main(argv=None) -> int:
         if args.quick:  # each kind of run once: the in-memory script, one process, torchrun, shards
             runs = [runs[0], runs[3]]
         rows = []
-        print(f"{args.images} cached JPEGs, {count} shards, tiny_cnn on {args.device}, {os.cpu_count()} cores")
+        print(f"{args.images} cached JPEGs, {count} shards, tiny_cnn on {args.device}, {os.cpu_count()} cores, "
+              f"OMP_NUM_THREADS={args.threads or 'default'}")
         print(f"{'source':<8} {'procs':>5} {'path':<22} {'wall s':>7} {'images/s':>9} {'peak PSS MB':>12}")
         base = [("folder", 1, "in-memory (before)", [sys.executable, "-c", IN_MEMORY, ckpt, images])]
         for n, (source, procs, path, cmd) in enumerate(base + runs):
@@ -118,7 +128,7 @@ def main(argv=None) -> int:
             extra = [out] if path.startswith("in-memory") else [*common, "--predictions", out]
             m = run_measured(cmd + extra)
             row = {"source": source, "processes": procs, "path": path, "images": args.images, "shards": count,
-                   "device": args.device, "cores": os.cpu_count(), **m, "images_per_s": args.images / m["wall_s"]}
+                   "device": args.device, "cores": os.cpu_count(), "omp_threads": args.threads, **m, "images_per_s": args.images / m["wall_s"]}
             rows.append(row)
             print(f"{source:<8} {procs:>5} {path:<22} {m['wall_s']:>7.2f} {row['images_per_s']:>9.0f} "
                   f"{m['peak_pss_mb']:>12.0f}")

@@ -163,8 +163,7 @@ def _file_entries(source: Source):
     if source.kind == "file":
         yield source.spec, os.path.basename(source.spec), ""
     elif source.kind == "folder":
-        for path, error in walk_images(source.spec):
-            yield path, ("" if error else os.path.relpath(path, source.root)), error
+        yield from walk_images(source.spec)
     elif source.kind == "glob":
         for path in glob.iglob(source.spec, recursive=True):
             if is_image_file(path) and os.path.isfile(path):
@@ -180,12 +179,13 @@ def _file_entries(source: Source):
 
 
 def walk_images(root: str):
-    """(path, '') of every image file below `root`, depth first, each folder's entries in
-    the order the file system gives them; (folder, reason) for a folder that cannot be
-    listed. Symbolic links to folders are not followed (as os.walk)."""
-    stack = [root]
+    """(path, path relative to root, '') of every image file below `root`, depth first,
+    each folder's entries in the order the file system gives them; (folder, '', reason)
+    for a folder that cannot be listed. Symbolic links to folders are not followed (as
+    os.walk)."""
+    stack = [(root, "")]
     while stack:
-        folder = stack.pop()
+        folder, rel = stack.pop()
         try:
             with os.scandir(folder) as it:
                 subfolders = []
@@ -193,13 +193,13 @@ def walk_images(root: str):
                     try:
                         if e.is_dir():
                             if not e.is_symlink():
-                                subfolders.append(e.path)
+                                subfolders.append((e.path, rel + e.name + os.sep))
                         elif is_image_file(e.name):
-                            yield e.path, ""
+                            yield e.path, rel + e.name, ""
                     except OSError:  # vanished meanwhile
                         continue
         except OSError as exc:
-            yield folder, f"cannot list folder: {exc.strerror or exc}"
+            yield folder, "", f"cannot list folder: {exc.strerror or exc}"
             continue
         stack.extend(reversed(subfolders))
 

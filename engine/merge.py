@@ -65,7 +65,7 @@ def read_parts(folder, sources) -> Merged:
     rank = (sorted(range(len(ids)), key=m.order.__getitem__) if table_mode else sorted(range(len(ids)), key=ids.__getitem__))
     dists = np.frombuffer(m.flat, dtype=np.float64).reshape(-1, 10)[rank] if rank else np.zeros((0, 10))
     m.ids = [ids[i] for i in rank]
-    m.refs, m.keys = [m.refs[i] for i in rank], [m.keys[i] for i in rank]
+    m.refs, m.keys = [m.refs[i] for i in rank], None  # the keys live on in the ids
     m.source, m.order = array("i", (m.source[i] for i in rank)), array("q", (m.order[i] for i in rank))
     where = {old: new for new, old in enumerate(rank)}
     m.warn = sorted((where[i], text) for i, text in m.warn.items())
