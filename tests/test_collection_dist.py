@@ -1,7 +1,7 @@
 """test.py on collections in separate processes: two torchrun processes (gloo on the
-loopback) give the output of one; a run killed with SIGKILL and resumed with another
-number of processes gives the output of an uninterrupted run with no image scored
-twice; on 20,000 files the first results are written while scoring goes on and the
+loopback) give the output of one; a process killed with SIGKILL ends its job, and the
+run resumed with another number of processes gives the output of an uninterrupted run
+with no image scored twice; on 20,000 files the first results are written while scoring goes on and the
 peak memory is that of 2,000. Every subprocess has a timeout: a hang fails the test."""
 import csv
 import io
@@ -18,6 +18,7 @@ from PIL import Image
 
 from conftest import ROOT, run_test
 from test_collection import make_mixed, numbers, rows
+from test_distributed import stop_job, worker_with_rank
 from test_scoring import tiny_checkpoint
 
 TEST = os.path.join(ROOT, "test.py")
@@ -70,8 +71,8 @@ def part_refs(out):
 
 def test_two_processes_give_the_one_process_output(mixed, tmp_path):
     out = tmp_path / "two"
-    # No loader worker: 2 slots for 3 shards, so each shard is read by one process only.
-    proc = torchrun(flags(mixed, out, "--workers", "0"))
+    # A loader worker per process: 4 slots for 3 shards, so the members are dealt by hash.
+    proc = torchrun(flags(mixed, out, "--workers", "1"))
     assert proc.returncode != 0 and "exitcode  : 1" in proc.stderr, proc.stdout + proc.stderr  # corrupt files: exit 1
     assert proc.stdout.count("scored ") == 1, proc.stdout  # only rank 0 merges and reports
     assert_same_output(out, mixed["single"])
@@ -83,32 +84,33 @@ def test_two_processes_give_the_one_process_output(mixed, tmp_path):
     assert len(refs) == len(set(refs)) == len(ids) + len(rows(out, "errors.csv"))
 
 
-def test_sigkill_then_resume_with_another_process_count(mixed, tmp_path):
+def test_a_killed_process_ends_the_job_and_resume_with_another_count_completes_it(mixed, tmp_path):
     out = tmp_path / "killed"
-    # One process, one image per batch, a part every 3 images: killed after its second part.
+    # Two processes, no loader worker (2 slots for 3 shards: whole shards), one image per
+    # batch, a part every 3 images; rank 1 is killed once two parts are on disk.
     args = flags(mixed, out, "--workers", "0", "--batch_size", "1", "--part_size", "3")
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, TEST, *args], cwd=ROOT, env=job_env(), stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen([*TORCHRUN, TEST, *args], cwd=ROOT, env=job_env(), stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + JOB_TIMEOUT_S
         while len(list((out / "parts").glob("part-*.csv"))) < 2:
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
             time.sleep(0.005)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        os.kill(worker_with_rank(proc.pid, 1), signal.SIGKILL)
+        killed_at = time.time()
+        proc.wait(timeout=JOB_TIMEOUT_S)  # torchrun stops rank 0 too: no hang
+        ended_after = time.time() - killed_at
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "predictions.csv").exists(), "the run ended before the kill: nothing was interrupted"
+        stop_job(proc)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode != 0 and "exitcode  : -9" in log, log
+    assert ended_after < 60, ended_after
+    assert not (out / "predictions.csv").exists(), "the run ended before the kill: nothing was interrupted\n" + log
     before = part_refs(out)
     killed_parts = {p.name for p in (out / "parts").glob("part-*.csv")}
     assert 6 <= len(before) < 102 + 5
-    # Resumed by 2 processes with a loader worker each: 4 slots for 3 shards, so members are dealt by hash.
-    proc = torchrun(flags(mixed, out, "--workers", "1", "--resume"))
-    assert "resuming: " in proc.stdout and proc.stdout.count("scored ") == 1, proc.stdout + proc.stderr
+    # Resumed by one process (this one), with a loader worker.
+    assert run_test(flags(mixed, out, "--workers", "1", "--resume")) == 1
     assert_same_output(out, mixed["single"])
     assert killed_parts <= {p.name for p in (out / "parts").glob("part-*.csv")}  # kept, not rescored
     refs = part_refs(out)
