@@ -31,7 +31,7 @@ from engine.explain_pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size, default_workers
 from engine.merge import PARQUET_HINT, OpenersById, merge_and_report
-from engine.parts import ResumeError, parts_dir
+from engine.parts import ResumeError, parts_dir, remove_parts
 from engine.predictions import score_and_report
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
@@ -54,8 +54,11 @@ def get_args_parser():
                    help="output folder: results stream into its parts/ folder, merged at the end into the prediction "
                         "files (each replaced atomically)")
     p.add_argument("--resume", action="store_true",
-                   help="keep the results in <predictions>/parts/ of an earlier run of the same command (killed or not) "
-                        "and score only the images they lack")
+                   help="keep the results in <predictions>/parts/ of an earlier run of the same command (interrupted, or "
+                        "finished with --keep_parts) and score only the images they lack")
+    p.add_argument("--keep_parts", action="store_true",
+                   help="keep <predictions>/parts/ after the merge (removed by default): the same command with --resume "
+                        "then scores only the images added since to its folders or globs")
     p.add_argument("--output_format", choices=["csv", "parquet"], default="csv",
                    help="parquet: also predictions.parquet, the same table (needs pyarrow: requirements-parquet.txt)")
     p.add_argument("--part_size", type=int, default=PART_SIZE, metavar="N",
@@ -213,6 +216,8 @@ def run(args, dist_info, device) -> int:
         if explain and rt.dist.is_main:  # from the predictions.csv just written
             write_explanations(model, model_args, args.predictions, paths_by_id, explain, device,
                                args.max_image_pixels, show_progress=not args.quiet)
+        if not args.gpu_decode and not args.keep_parts:
+            remove_parts(parts_dir(args.predictions))
     except (OutputWriteError, ResumeError) as exc:
         if rt.dist.is_main:
             print(f"error: {exc}", file=sys.stderr)

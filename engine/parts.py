@@ -3,7 +3,7 @@ a few thousand images per file, each file written atomically (a kill leaves whol
 or none), so a run stopped at any moment loses only the images it had not yet written,
 and `--resume` skips every image some part already holds.
 
-<predictions>/parts/ holds
+<predictions>/parts/ (removed after the final merge unless test.py --keep_parts) holds
 - run.json: what the results depend on (model file, preprocessing, sources, TTA, pixel
   limit); a resume with another record would mix two runs' scores, and is refused;
 - part-r<rank>-<token>-<seq>.csv: columns ref, source, key, order, status (ok or
@@ -17,6 +17,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 
 from fileio import atomic_write_json, atomic_write_text
 
@@ -114,3 +115,8 @@ def prepare(folder, record: dict, resume: bool) -> str:
             os.remove(path)
     atomic_write_json(record_path, record)
     return note
+
+
+def remove_parts(folder) -> None:
+    """After a successful merge: the prediction files hold everything the parts did."""
+    shutil.rmtree(folder, ignore_errors=True)

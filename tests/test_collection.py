@@ -188,11 +188,13 @@ def test_resume_skips_what_the_parts_hold_and_refuses_another_run(mixed, tmp_pat
     ckpt, out = mixed["ckpt"], tmp_path / "out"
     spec = ["--test_images", mixed["folder"], str(mixed["shards"] / "000000.tar")]
     assert score(ckpt, out, *spec, "--part_size", "7") == 1
+    assert not (out / "parts").exists()  # merged: the parts are gone
+    assert score(ckpt, out, *spec, "--part_size", "7", "--keep_parts") == 1
     first = (out / "predictions.csv").read_bytes()
     parts = sorted(p.name for p in (out / "parts").glob("part-*.csv"))
     assert len(parts) > 3
     capsys.readouterr()
-    assert score(ckpt, out, *spec, "--resume") == 1  # nothing left to score: the same merge
+    assert score(ckpt, out, *spec, "--resume", "--keep_parts") == 1  # nothing left to score: the same merge
     assert "resuming:" in capsys.readouterr().out
     assert sorted(p.name for p in (out / "parts").glob("part-*.csv")) == parts
     assert (out / "predictions.csv").read_bytes() == first

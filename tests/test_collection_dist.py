@@ -72,7 +72,7 @@ def part_refs(out):
 def test_two_processes_give_the_one_process_output(mixed, tmp_path):
     out = tmp_path / "two"
     # A loader worker per process: 4 slots for 3 shards, so the members are dealt by hash.
-    proc = torchrun(flags(mixed, out, "--workers", "1"))
+    proc = torchrun(flags(mixed, out, "--workers", "1", "--keep_parts"))
     assert proc.returncode != 0 and "exitcode  : 1" in proc.stderr, proc.stdout + proc.stderr  # corrupt files: exit 1
     assert proc.stdout.count("scored ") == 1, proc.stdout  # only rank 0 merges and reports
     assert_same_output(out, mixed["single"])
@@ -110,7 +110,7 @@ def test_a_killed_process_ends_the_job_and_resume_with_another_count_completes_i
     killed_parts = {p.name for p in (out / "parts").glob("part-*.csv")}
     assert 6 <= len(before) < 102 + 5
     # Resumed by one process (this one), with a loader worker.
-    assert run_test(flags(mixed, out, "--workers", "1", "--resume")) == 1
+    assert run_test(flags(mixed, out, "--workers", "1", "--resume", "--keep_parts")) == 1
     assert_same_output(out, mixed["single"])
     assert killed_parts <= {p.name for p in (out / "parts").glob("part-*.csv")}  # kept, not rescored
     refs = part_refs(out)
@@ -163,7 +163,7 @@ def test_streaming_first_results_early_and_memory_flat(tmp_path):
     for n in (2000, 20000):
         out = tmp_path / f"out{n}"
         args = ["--model", ckpt, "--test_images", tiny_folder(tmp_path / f"img{n}", n), "--predictions", out,
-                "--quiet", "--device", "cpu", "--batch_size", "64"]
+                "--quiet", "--device", "cpu", "--batch_size", "64", "--keep_parts"]
         code, first, total, peak = timed_run([str(a) for a in args], out)
         assert code == 0
         assert len(rows(out)) == n
