@@ -206,6 +206,16 @@ def row_image(index: "ImageIndex", image_id: str, line: int, require_images: boo
     return path
 
 
+def checked_widths(csv_path, problems: list, rows: list) -> set:
+    """The end of every label reader: raise LabelFileError with all the file's problems, or
+    for a file without data rows; else the set of how many values the rows carry."""
+    if problems:
+        raise LabelFileError(csv_path, problems)
+    if not rows:
+        raise LabelFileError(csv_path, ["0: no data rows"])
+    return {len(r[3]) for r in rows}
+
+
 def read_label_csv(csv_path, img_path, require_labels=True, require_images=True) -> LabelTable:
     """Read and validate a label CSV; raise LabelFileError listing every bad row.
 
@@ -248,11 +258,7 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
         problems.extend(row_problems)
         if not row_problems:
             rows.append((image_id, path, line, values))
-    if problems:
-        raise LabelFileError(csv_path, problems)
-    if not rows:
-        raise LabelFileError(csv_path, ["0: no data rows"])
-    widths = {len(r[3]) for r in rows}
+    widths = checked_widths(csv_path, problems, rows)
     if len(widths) > 1:
         raise LabelFileError(csv_path, ["0: some rows have ratings and others do not; give all or none"])
     table.ids = [r[0] for r in rows]

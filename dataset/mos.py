@@ -18,7 +18,7 @@ import numpy as np
 
 from model.nima import NUM_BINS
 
-from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, label_rows, parse_number, read_label_text,
+from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, checked_widths, label_rows, parse_number, read_label_text,
                      row_image, show_cell)
 from .maxent import maxent_distributions
 
@@ -96,11 +96,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
         problems.extend(bad)
         if not bad:
             rows.append((image_id, path, line, values))
-    if problems:
-        raise LabelFileError(csv_path, problems)
-    if not rows:
-        raise LabelFileError(csv_path, ["0: no data rows"])
-    widths = {len(r[3]) for r in rows}
+    widths = checked_widths(csv_path, problems, rows)
     if len(widths) > 1:
         counts = {w: sum(len(r[3]) == w for r in rows) for w in widths}
         first = {w: next(r[2] for r in rows if len(r[3]) == w) for w in widths}
