@@ -22,6 +22,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def append_jsonl(path, rows) -> None:
+    """Add one JSON line per row to `path`: results of several runs collect in one file."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
 def tree_pss_bytes(pid: int) -> int:
     """Proportional set size of a process and all its descendants (from /proc): pages
     shared between them (a forked DataLoader worker shares its parent's) count once in
@@ -118,8 +124,7 @@ def main(argv=None) -> int:
             print(f"{n:>6}  {med['wall_s'][0]:>11.2f}s {med['wall_s'][1]:>8.2f}s {row['wall_ratio']:>6.2f}  "
                   f"{med['cpu_s'][0]:>10.2f}s {med['cpu_s'][1]:>7.2f}s  {med['peak_pss_mb'][0]:>10.0f} {med['peak_pss_mb'][1]:>7.0f}")
         if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            append_jsonl(args.out, rows)
     return 0
 
 

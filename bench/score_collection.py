@@ -18,14 +18,13 @@ other jobs measured anywhere from 1.2x to 5x slower than with one thread: the id
 OpenMP threads spin and starve the decoding worker.)
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 
-from bench.cpu_scoring import ROOT, run_measured
+from bench.cpu_scoring import ROOT, append_jsonl, run_measured
 
 POOL = 64
 IN_MEMORY = r"""
@@ -137,8 +136,7 @@ def main(argv=None) -> int:
             if scored != args.images:
                 raise RuntimeError(f"{source}, {procs} process(es): {scored} of {args.images} images in predictions.csv")
         if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in rows)
+            append_jsonl(args.out, rows)
     return 0
 
 
