@@ -305,7 +305,7 @@ def test_cuda_device_decode_loader_runs_with_workers(jpegs):
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # the suite's CPU pass hides the GPU
 
 
-# ----- the CLIs' flags (active once main.py and test.py have them) -----
+# ----- the CLIs' flags -----
 
 def test_cli_uint8_transfer_and_gpu_decode_match_the_float_path(demo_data, tmp_path):
     from conftest import run_main, run_test, tiny_train_args
