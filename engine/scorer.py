@@ -24,6 +24,7 @@ from model import load_for_inference
 from .distributed import pick_device
 from .explain import explain_image
 from .inference import images_per_batch, inference_transform, predict
+from .loaders import default_batch_size
 from .metrics import mean_and_std
 from .runtime import Runtime, resolve_speed_flags
 
@@ -36,8 +37,10 @@ class Score:
 
 
 class Scorer:
-    def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = 32):
-        """batch_size: network inputs per forward pass (crops under TTA), as test.py's."""
+    def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = None):
+        """batch_size: network inputs per forward pass (crops under TTA), as test.py's, and
+        with its default (8 on a CPU, where VGG16's memory grows with the batch; 64 on CUDA)."""
+        batch_size = default_batch_size(rt.device) if batch_size is None else batch_size
         if not 1 <= tta <= MAX_TTA:
             raise ValueError(f"tta must be between 1 and {MAX_TTA}, got {tta}")
         if batch_size < 1:
@@ -48,7 +51,7 @@ class Scorer:
         self.max_image_pixels = None  # None: Pillow's limit
 
     @classmethod
-    def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = 32, amp="auto",
+    def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = None, amp="auto",
                         max_image_pixels=None, normalize=None) -> "Scorer":
         """Either checkpoint format (ours or the reference's released state_dict).
         device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp;

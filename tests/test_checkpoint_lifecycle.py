@@ -2,6 +2,7 @@
 the checkpoint's schedule position and preprocessing, no checkpoint holds non-finite
 weights, and a resume refuses flags that would make its numbers another run's."""
 import json
+import os
 import shutil
 
 import pytest
@@ -172,3 +173,25 @@ def test_a_batch_of_only_unreadable_images_moves_no_weight():
     for key, value in model.state_dict().items():
         if value.is_floating_point() and "running" not in key:
             assert torch.equal(value, before[key]), key
+
+
+def test_metrics_jsonl_on_a_full_disk_is_a_clear_error_and_keeps_no_partial_line(demo_data, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from engine import run_log
+    ckpt = tmp_path / "ckpt"
+    assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "1")) == 0
+    before = (ckpt / "metrics.jsonl").read_text()
+
+    real_fsync = run_log.os.fsync
+
+    def full_disk(fd):  # the appended line is in the file, then the disk turns out full
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(os.sep + "metrics.jsonl"):  # not the atomic temporaries
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(run_log.os, "fsync", full_disk)
+    assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "2", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert f"could not write {ckpt / 'metrics.jsonl'}: No space left on device" in err
+    assert (ckpt / "metrics.jsonl").read_text() == before  # epoch 1's line only, no partial epoch 2
+    assert json.loads(before.splitlines()[-1])["epoch"] == 1

@@ -34,3 +34,12 @@ def test_cpu_scoring_bench_quick_mode_reports_both_sides(tmp_path):
     for r in rows:
         for side in ("test_py", "reference"):
             assert r[f"{side}_wall_s"] > 0 and r[f"{side}_cpu_s"] > 0 and r[f"{side}_peak_pss_mb"] > 0
+
+
+def test_the_scorer_takes_the_cpu_default_batch(tmp_path):
+    from engine.runtime import Runtime
+    from engine.scorer import Scorer
+    from model import build_model, default_model_args
+    args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
+    scorer = Scorer(build_model(args).eval(), args, Runtime(torch.device("cpu"), show_progress=False))
+    assert scorer.batch_size == loaders.default_batch_size(torch.device("cpu")) == 8
