@@ -40,6 +40,7 @@ from bench.ava_like import folder_stats, make_ava_like_jpegs
 from engine.distributed import pick_device
 from fileio import atomic_write_text
 from model import default_model_args
+from model.nima import check_model_args
 from tools import resize_images
 
 QUICK = {"base_model": "tiny_cnn", "batch_size": 4, "steps": 2, "warmup": 1, "num_images": 8, "infer_images": 8,
@@ -95,8 +96,9 @@ def resolve(args):
         model_args["image_size"] = args.image_size
     if args.resize_size is not None:
         model_args["resize_size"] = args.resize_size
-    if not 32 <= model_args["image_size"] <= model_args["resize_size"]:
-        raise ValueError(f"need 32 <= --image_size <= --resize_size, got {model_args['image_size']} and {model_args['resize_size']}")
+    if model_args["resize_size"] < model_args["image_size"]:
+        raise ValueError(f"need --image_size <= --resize_size, got {model_args['image_size']} and {model_args['resize_size']}")
+    check_model_args(model_args)  # the backbone's own limits (its minimum or fixed --image_size), as main.py checks them
     if args.variants:
         unknown = set(args.variants.split(",")) - set(figures.VARIANTS)
         if unknown:
