@@ -25,7 +25,7 @@ import sys
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench.timing import timed
+from bench.timing import cpu_model_name, timed
 from fileio import atomic_write_text
 from model import build_model, default_model_args, list_backbones
 
@@ -53,12 +53,7 @@ def get_args_parser():
 
 
 def hardware() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model_name() or platform.processor() or "unknown CPU"
     load = ", load average {:.1f}".format(os.getloadavg()[0]) if hasattr(os, "getloadavg") else ""
     return f"{cpu}, {os.cpu_count()} logical cores{load}, torch {torch.__version__} with {torch.get_num_threads()} threads"
 

@@ -37,6 +37,7 @@ import torch
 
 from bench import figures
 from bench.ava_like import folder_stats, make_ava_like_jpegs
+from bench.timing import cpu_model_name
 from engine.distributed import pick_device
 from fileio import atomic_write_text
 from model import default_model_args
@@ -114,11 +115,7 @@ def hardware(device) -> str:
     cores = f"{os.cpu_count()}-core CPU"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {cores}"
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        name = ""
+    name = cpu_model_name()
     return f"{cores}, no GPU" + (f" ({name})" if name else "")
 
 

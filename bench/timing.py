@@ -65,3 +65,13 @@ def repeat(item, times: int):
     """The same synthetic batch, `times` times (no copies)."""
     for _ in range(times):
         yield item
+
+
+def cpu_model_name() -> str:
+    """The CPU's model name from /proc/cpuinfo ('' where there is none), for the
+    benchmarks' hardware lines."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        return ""
