@@ -27,7 +27,6 @@ import csv
 import io
 import math
 import os
-import re
 import sys
 import zipfile
 
