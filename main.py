@@ -22,7 +22,7 @@ from dataset.mos import LABEL_FORMATS
 from dataset.transforms import check_tta
 from engine import distributed
 from engine.checkpoints import MONITORS, RunCheckpoints, signed
-from engine.flags import HelpFormatter, default, str2bool
+from engine.flags import HelpFormatter, str2bool
 from engine.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
 from engine.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
@@ -35,7 +35,7 @@ from engine.training import BadImageError, EpochProgress, NonFiniteLossError, ep
 from fileio import OutputWriteError, check_writable
 from model import CheckpointError, PretrainedWeightsError, list_backbones, load_for_inference
 from model.checkpoint import NORMALIZE_CHOICES
-from model.nima import HEADS
+from model.nima import DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS
 
 
 def get_args_parser():
@@ -98,17 +98,21 @@ def get_args_parser():
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit)")
     g = p.add_argument_group("model (a resume, warm start or --init_from takes these from its checkpoint)")
-    g.add_argument("--base_model", default=default("vgg16"),
-                   help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name")
-    g.add_argument("--head", choices=HEADS, default=default("reference"),
-                   help="reference: dropout + Linear(features, 10) + softmax; paper (vgg16 only): keep VGG16's fc6/fc7, replace only the last layer")
+    # The model flags default to None: resolve_model_args fills in the defaults, or the
+    # checkpoint's values for a resume, warm start or --init_from (None = not typed).
+    g.add_argument("--base_model", default=None,
+                   help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name "
+                        f"(default: {DEFAULT_BASE_MODEL})")
+    g.add_argument("--head", choices=HEADS, default=None,
+                   help="reference: dropout + Linear(features, 10) + softmax; paper (vgg16 only): keep VGG16's fc6/fc7, "
+                        f"replace only the last layer (default: {DEFAULT_HEAD})")
     g.add_argument("--pretrained", default="imagenet", help="imagenet (torchvision's weights), none, or PATH of a torchvision weights file")
     g.add_argument("--image_size", type=int, default=None, help="crop size (default: the backbone's, 224 for vgg16)")
     g.add_argument("--resize_size", type=int, default=None, help="shorter side before cropping (default: the backbone's, 256 for vgg16)")
     g.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
                    help="input normalisation (default: the backbone's; for a warm start from a bare state_dict: none, "
                         "the reference's 2018-2020 release; its June 2021 release needs imagenet)")
-    g.add_argument("--dropout", type=float, default=default(0.75), help="dropout before the 10-way layer")
+    g.add_argument("--dropout", type=float, default=None, help=f"dropout before the 10-way layer (default: {DEFAULT_DROPOUT})")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     g.add_argument("--multi_gpu", type=str2bool, nargs="?", const=True, default=False,

@@ -24,7 +24,6 @@ from dataset.labels import LabelTable
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.sources import resolve_specs, table_source
 from dataset.transforms import check_tta
-from engine.checkpoints import recorded_args
 from engine import distributed
 from engine.collection import PART_SIZE, collection_workers, score_collection
 from engine.explain_pictures import parse_explain, write_explanations
@@ -36,6 +35,7 @@ from engine.predictions import score_and_report
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
+from model.checkpoint import recorded_args
 
 
 def get_args_parser():

@@ -15,7 +15,6 @@ import torch
 from model import CheckpointError, save_checkpoint, unwrap
 from model.checkpoint import read_checkpoint_file, read_model_state
 
-from .flags import plain_args
 from .optim import describe_schedule, schedule_spec
 from .training import NonFiniteLossError
 
@@ -130,17 +129,6 @@ def read_warm_start(args):
     return path, weights, model_args, note
 
 
-def recorded_args(path) -> dict:
-    """The flags a checkpoint of ours records (`args`), read without loading its tensors;
-    {} for a bare state_dict or a file that cannot be read this way (its loader reports why)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the legacy format cannot be mapped, and holds no args
-        return {}
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    return saved if isinstance(saved, dict) else {}
-
-
 def read_init_from(args):
     """(path, weights, model_args, note) of --init_from: any checkpoint of ours or a
     released bare state_dict, read like a warm start's."""
@@ -180,7 +168,7 @@ class RunCheckpoints:
                 "epoch": state.epoch, "best_val_loss": state.best_val_loss,
                 "epochs_without_improvement": state.epochs_without_improvement,
                 "partial_epoch": state.partial_epoch, "monitor": self.args.monitor,
-                "args": plain_args(self.args), "model_args": dict(self.model_args)}
+                "args": dict(vars(self.args)), "model_args": dict(self.model_args)}
 
     def save_last(self, state: RunState, progress) -> None:
         """last.pth in the middle of an epoch (every --save_every_steps, or on a signal)."""

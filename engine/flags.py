@@ -17,35 +17,15 @@ def str2bool(text):
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-class _DefaultStr(str):
-    pass
-
-
-class _DefaultFloat(float):
-    pass
-
-
-def default(value):
-    """A flag's default that stays recognisable as one after parsing (argparse keeps the
-    default object as it is), so that a checkpoint's recorded value can win over a
-    default while a value the user typed that contradicts it is an error."""
-    return _DefaultStr(value) if isinstance(value, str) else _DefaultFloat(value)
-
-
-def given(value) -> bool:
-    """Whether a flag's value was typed by the user (not a default() or None)."""
-    return value is not None and not isinstance(value, (_DefaultStr, _DefaultFloat))
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every flag's default."""
+    """--help shows every flag's default. A flag whose default is None because it is
+    resolved later (from the backbone or a checkpoint) says what it resolves to in its
+    own help text ("default: ..."), which is shown instead of "(default: None)"."""
 
-
-def plain_args(args) -> dict:
-    """The flags as plain Python values (default() markers dropped), for a checkpoint,
-    which holds only plain types so that it loads with weights_only=True."""
-    return {k: str(v) if isinstance(v, _DefaultStr) else float(v) if isinstance(v, _DefaultFloat) else v
-            for k, v in vars(args).items()}
+    def _get_help_string(self, action):
+        if action.default is None and "default:" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_normalize_flag(parser) -> None:

@@ -11,11 +11,10 @@ import torch
 from dataset import read_label_csv
 from dataset.mos import check_score_range, clipped_note, read_mos_csv
 from model import build_model, default_model_args
-from model.nima import check_model_args
+from model.nima import DEFAULT_BASE_MODEL, check_model_args
 
 from .checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
                           read_warm_start, restore, run_schedule)
-from .flags import given
 from .optim import build_optimizer, build_scheduler
 
 
@@ -85,20 +84,18 @@ def resolve_model_args(args, source=None, source_name="") -> dict:
         model_args.setdefault("head", "reference")  # checkpoints older than --head
         for key in MODEL_FLAGS:
             value = getattr(args, key)
-            if given(value) and value != model_args[key]:
+            if value is not None and value != model_args[key]:
                 raise UsageError(f"--{key} {value} contradicts {source_name}, whose model has {key} {model_args[key]!r}; "
                                  f"drop the flag (a run started from a checkpoint keeps its model and preprocessing)")
         return model_args
-    model_args = default_model_args(args.base_model)  # raises with the valid names
-    for key in ("image_size", "resize_size", "normalize"):
+    model_args = default_model_args(args.base_model or DEFAULT_BASE_MODEL)  # raises with the valid names
+    for key in ("image_size", "resize_size", "normalize", "dropout", "head"):
         if getattr(args, key) is not None:
             model_args[key] = getattr(args, key)
-    model_args["dropout"] = float(args.dropout)
-    model_args["head"] = str(args.head)
     if model_args["resize_size"] < model_args["image_size"]:
         raise UsageError(f"--resize_size ({model_args['resize_size']}) must be at least --image_size ({model_args['image_size']})")
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not 0 <= model_args["dropout"] < 1:
+        raise UsageError(f"--dropout must be in [0, 1), got {model_args['dropout']}")
     check_model_args(model_args)  # the backbone's own limits: --head, minimum or fixed --image_size
     return model_args
 

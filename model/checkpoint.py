@@ -6,6 +6,7 @@ read with `weights_only=True`, so a checkpoint can never run code when it is loa
 """
 import itertools
 import pickle
+from collections import OrderedDict
 import sys
 import zipfile
 
@@ -42,6 +43,30 @@ def _looks_like_torch_file(path) -> bool:
     return zipfile.is_zipfile(path) or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
+# Checkpoints written before flag defaults became None recorded three model flags as
+# instances of marker subclasses of str and float (engine.flags._DefaultStr/_DefaultFloat,
+# since removed). They are read back as the plain str and float they stand for; nothing
+# else outside weights_only's own allowlist is.
+_LEGACY_MARKERS = [(str, "engine.flags._DefaultStr"), (float, "engine.flags._DefaultFloat")]
+
+
+def torch_load(path, **kwargs):
+    """torch.load with weights_only=True (never runs code from the file), on the CPU."""
+    with torch.serialization.safe_globals(_LEGACY_MARKERS):
+        return torch.load(path, map_location="cpu", weights_only=True, **kwargs)
+
+
+def recorded_args(path) -> dict:
+    """The flags a checkpoint of ours records (`args`), read without loading its tensors;
+    {} for a bare state_dict or a file that cannot be read this way (its loader reports why)."""
+    try:
+        ckpt = torch_load(path, mmap=True)
+    except Exception:  # noqa: BLE001 - the legacy format cannot be mapped, and holds no args
+        return {}
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
 def read_checkpoint_file(path) -> dict:
     try:
         is_torch_file = _looks_like_torch_file(path)
@@ -55,7 +80,7 @@ def read_checkpoint_file(path) -> dict:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint file (expected what torch.save writes: "
                               f"one of our .pth checkpoints or the reference's released state_dict)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load(path)
     except pickle.UnpicklingError:
         raise CheckpointError(
             f"checkpoint {path} holds Python objects other than tensors and plain values (a pickled model or "
@@ -137,9 +162,44 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+# What a checkpoint may hold, by exact type (a subclass of str is not a str here: pickle
+# records its class, and weights_only loading refuses it).
+_PLAIN_SCALARS = (type(None), bool, int, float, str)
+_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def check_plain(value, key: str) -> None:
+    """Raise CheckpointError, naming the key, for anything in `value` other than tensors,
+    plain scalars and dicts, lists and tuples of them: what `torch.load(...,
+    weights_only=True)` reads back without an allowlist."""
+    kind = type(value)
+    if kind in _PLAIN_SCALARS or kind in _TENSOR_TYPES:
+        return
+    if kind in (dict, OrderedDict):
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise CheckpointError(f"checkpoint key {key}[{k!r}] is a {_type_name(k)}, not a str or int")
+            check_plain(v, f"{key}[{k!r}]")
+        return
+    if kind in (list, tuple):
+        for n, v in enumerate(value):
+            check_plain(v, f"{key}[{n}]")
+        return
+    raise CheckpointError(f"checkpoint value {key} is a {_type_name(value)} ({value!r:.60}), not a plain Python value "
+                          f"or a tensor: it would not load with weights_only=True, so it was not saved")
+
+
+def _type_name(value) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
 def save_checkpoint(path, state: dict) -> None:
-    """Write `state` atomically: a crash at any moment leaves the old file or the new one."""
+    """Write `state` atomically: a crash at any moment leaves the old file or the new one.
+    Every value is checked first (check_plain): a checkpoint that its own loader would
+    refuse is never written."""
     state = dict(state, format_version=FORMAT_VERSION)
+    for key, value in state.items():
+        check_plain(value, key)
     with atomic_path(path) as tmp:
         try:
             torch.save(state, tmp)

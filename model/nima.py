@@ -44,12 +44,16 @@ class NIMA(nn.Module):
 
 
 HEADS = ("reference", "paper")
+# What a new model is when no flag says otherwise: the reference's network.
+DEFAULT_BASE_MODEL = "vgg16"
+DEFAULT_DROPOUT = 0.75
+DEFAULT_HEAD = "reference"
 
 
-def default_model_args(base_model: str = "vgg16") -> dict:
+def default_model_args(base_model: str = DEFAULT_BASE_MODEL) -> dict:
     spec = get_backbone(base_model)
-    return {"base_model": base_model, "num_classes": NUM_BINS, "dropout": 0.75, "image_size": spec.image_size,
-            "resize_size": spec.resize_size, "normalize": spec.normalize, "head": "reference"}
+    return {"base_model": spec.name, "num_classes": NUM_BINS, "dropout": DEFAULT_DROPOUT, "image_size": spec.image_size,
+            "resize_size": spec.resize_size, "normalize": spec.normalize, "head": DEFAULT_HEAD}
 
 
 def check_model_args(model_args: dict) -> None:

@@ -113,7 +113,12 @@ def test_reference_flags_are_all_accepted():
 def test_defaults_follow_the_reference_readme():
     args = main_cli.get_args_parser().parse_args([])
     assert (args.conv_base_lr, args.dense_lr, args.train_batch_size, args.epochs, args.early_stopping_patience) == (3e-4, 3e-3, 128, 100, 10)
-    assert args.base_model == "vgg16" and args.pretrained == "imagenet"
+    assert args.pretrained == "imagenet"
+    # The model flags are None until resolved (None: not typed); resolved, they are the reference's network.
+    from engine.run_setup import resolve_model_args
+    assert (args.base_model, args.head, args.dropout) == (None, None, None)
+    assert resolve_model_args(args) == {"base_model": "vgg16", "num_classes": 10, "dropout": 0.75, "image_size": 224,
+                                        "resize_size": 256, "normalize": "imagenet", "head": "reference"}
 
 
 def test_unknown_base_model_lists_valid_names(demo_data, tmp_path, capsys):
