@@ -21,17 +21,17 @@ from dataset.labels import shared_images
 from dataset.mos import LABEL_FORMATS
 from dataset.transforms import check_tta
 from engine import distributed
-from engine.checkpoints import MONITORS, RunCheckpoints, signed
+from engine.train.checkpoints import MONITORS, RunCheckpoints
 from engine.flags import HelpFormatter, str2bool
-from engine.inference import evaluate, inference_dataset
+from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
-from engine.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
-from engine.predictions import score_and_report
-from engine.run_log import RunLog
-from engine.run_setup import UsageError, build_run, check_recipe_flags, read_labels
+from engine.train.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
+from engine.score.predictions import score_and_report
+from engine.train.log import RunLog
+from engine.train.setup import UsageError, build_run, check_recipe_flags, read_labels
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
-from engine.signals import StopOnSignals, StopRequested
-from engine.training import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
+from engine.train.signals import StopOnSignals, StopRequested
+from engine.train.epoch import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from fileio import OutputWriteError, check_writable
 from model import CheckpointError, PretrainedWeightsError, list_backbones, load_for_inference
 from model.checkpoint import NORMALIZE_CHOICES
@@ -45,7 +45,7 @@ def get_args_parser():
     g.add_argument("--img_path", default="./data/images/", help="folder of the images named in the CSVs")
     g.add_argument("--train_csv_file", default="./data/train_labels.csv", help="training labels: image id, then 10 vote counts")
     g.add_argument("--val_csv_file", default="./data/val_labels.csv", help="validation labels, same format")
-    g.add_argument("--test_csv_file", default="./data/test_labels.csv", help="test labels for --test (ratings optional)")
+    g.add_argument("--test_csv_file", "--test_csv", dest="test_csv_file", default="./data/test_labels.csv", help="test labels for --test (ratings optional)")
     g.add_argument("--label_format", choices=LABEL_FORMATS, default="distribution",
                    help="distribution: image id + 10 vote counts (AVA); mos: image_id,mos[,std] on the --score_range scale, "
                         "trained on the maximum-entropy distribution with that mean (and std)")
@@ -75,7 +75,7 @@ def get_args_parser():
     g.add_argument("--train_batch_size", type=int, default=128, help="per process under torchrun")
     g.add_argument("--val_batch_size", type=int, default=128, help="validation images per forward pass")
     g.add_argument("--test_batch_size", type=int, default=128, help="--test images per forward pass (crops under --tta)")
-    g.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
+    g.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader worker processes")
     g.add_argument("--epochs", type=int, default=100, help="last epoch to train (counted from 1, across resumes)")
     g.add_argument("--early_stopping_patience", "--early_stoppping_patience", dest="early_stopping_patience",
                    type=int, default=10, help="epochs without improvement of --monitor before stopping")
@@ -297,7 +297,7 @@ def train(args, rt) -> int:
             run_log.close()
         if new_folder and rt.dist.is_main:
             remove_if_no_checkpoint(args.ckpt_path)
-    log(f"done: best {args.monitor} {signed(args.monitor, state.best_val_loss):.4f}; checkpoints in {args.ckpt_path}")
+    log(f"done: best {args.monitor} {state.best_value:.4f}; checkpoints in {args.ckpt_path}")
     return 0
 
 

@@ -4,7 +4,7 @@
     curl -F file=@a.jpg -F file=@b.png http://127.0.0.1:8000/score
 
 Any checkpoint test.py takes, with its preprocessing and its scores. Routes: POST /score,
-GET /health, /model, /metrics, /docs (engine/serving). SIGTERM or Ctrl-C: stop accepting,
+GET /health, /model, /metrics, /docs (serving/). SIGTERM or Ctrl-C: stop accepting,
 answer the requests already accepted, exit 0.
 Exit codes: 0 after a shutdown by signal; 2 bad usage, unreadable checkpoint, or an
 address that cannot be bound.
@@ -100,8 +100,8 @@ def main(args) -> int:
     try:
         import uvicorn
 
-        from engine.scorer import Scorer
-        from engine.serving import ServeConfig, create_app
+        from engine.score.scorer import Scorer
+        from serving import ServeConfig, create_app
     except ImportError as exc:
         print(f"error: {exc.name} is missing; install the service's packages: pip install -r requirements-serve.txt",
               file=sys.stderr)

@@ -1,11 +1,11 @@
 """Score images with a trained NIMA model.
 
-    python test.py --model CKPT --test_csv test.csv --test_images IMAGES --predictions OUT
+    python test.py --model CKPT --test_csv_file test.csv --test_images IMAGES --predictions OUT
     python test.py --model CKPT --test_images photo.jpg|folder|'glob/*.png'|'shards/{000000..000099}.tar' ... --predictions OUT
     python test.py --model CKPT --file_list LIST.txt --predictions OUT [--resume] [--output_format parquet]
     torchrun --nproc_per_node=8 test.py ...     (each process scores its share; one merged output)
 
-Results stream into OUT/parts/ as they come (engine/collection.py); at the end they are
+Results stream into OUT/parts/ as they come (engine/score/collection.py); at the end they are
 merged into predictions.csv, pred.txt, and with labels metrics.json and scatter.png
 (README, "Formats"); with --contact_sheet K also contact_sheet.png.
 Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
@@ -25,13 +25,13 @@ from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.sources import resolve_specs, table_source
 from dataset.transforms import check_tta
 from engine import distributed
-from engine.collection import PART_SIZE, collection_workers, score_collection
-from engine.explain_pictures import parse_explain, write_explanations
+from engine.score.collection import PART_SIZE, collection_workers, score_collection
+from engine.explain.pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size, default_workers
-from engine.merge import PARQUET_HINT, OpenersById, merge_and_report
-from engine.parts import ResumeError, parts_dir, remove_parts
-from engine.predictions import score_and_report
+from engine.score.merge import PARQUET_HINT, OpenersById, merge_and_report
+from engine.score.parts import PartsResumeError, parts_dir, remove_parts
+from engine.score.predictions import read_predictions, score_and_report
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
@@ -42,9 +42,9 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.",
                                 formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (epoch-N.pth, best.pth, last.pth) or the reference's released state_dict")
-    p.add_argument("--test_csv", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
+    p.add_argument("--test_csv_file", "--test_csv", dest="test_csv_file", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
     p.add_argument("--test_images", nargs="+", default=None, metavar="SPEC",
-                   help="image folder for --test_csv; otherwise one or more of: an image, a folder (recursive), a quoted "
+                   help="image folder for --test_csv_file; otherwise one or more of: an image, a folder (recursive), a quoted "
                         "glob, a tar shard (WebDataset layout: members KEY.jpg, ...), a brace range of shards "
                         "'shards/{000000..000999}.tar' or a quoted glob of .tar files")
     p.add_argument("--file_list", default=None, metavar="LIST",
@@ -67,12 +67,12 @@ def get_args_parser():
                    help="under torchrun: seconds a process waits for the others (at the start, and at the end for the "
                         "slowest to finish its share) before the job fails")
     p.add_argument("--label_format", choices=LABEL_FORMATS, default=None,
-                   help="format of --test_csv: distribution (id + 10 ratings) or mos (image_id,mos[,std]); "
+                   help="format of --test_csv_file: distribution (id + 10 ratings) or mos (image_id,mos[,std]); "
                         "default: the checkpoint's training run's, else distribution")
     p.add_argument("--score_range", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="with --label_format mos: the data set's scale (default: the checkpoint's); adds mean_scaled "
                         "to predictions.csv and the metrics on that scale")
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=None,
                    help="DataLoader worker processes (default: none for a single batch; on a CPU 1 up to 4 cores, "
                         "a quarter of the cores above; on CUDA up to 8)")
     p.add_argument("--batch_size", type=int, default=None,
@@ -99,8 +99,8 @@ def get_args_parser():
 
 def check_flags(args) -> None:
     """Usage errors that need nothing read (ValueError)."""
-    if (args.batch_size is not None and args.batch_size < 1) or (args.workers is not None and args.workers < 0):
-        raise ValueError(f"--batch_size must be >= 1 and --workers >= 0, got {args.batch_size} and {args.workers}")
+    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers is not None and args.num_workers < 0):
+        raise ValueError(f"--batch_size must be >= 1 and --num_workers >= 0, got {args.batch_size} and {args.num_workers}")
     check_tta(args.tta)
     if args.contact_sheet < 0:
         raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
@@ -109,10 +109,10 @@ def check_flags(args) -> None:
         raise ValueError(f"--part_size and --dist_timeout must be >= 1, got {args.part_size} and {args.dist_timeout}")
     if not args.test_images and not args.file_list:
         raise ValueError("give --test_images SPEC [SPEC ...] and/or --file_list LIST")
-    if args.test_csv and (args.file_list or len(args.test_images or ()) != 1):
-        raise ValueError("with --test_csv, --test_images is the one folder of the CSV's images (and no --file_list)")
+    if args.test_csv_file and (args.file_list or len(args.test_images or ()) != 1):
+        raise ValueError("with --test_csv_file, --test_images is the one folder of the CSV's images (and no --file_list)")
     if args.gpu_decode and (args.file_list or args.resume or len(args.test_images) > 1 or args.output_format != "csv"):
-        raise ValueError("--gpu_decode scores in memory from one --test_images spec or --test_csv: it does not take "
+        raise ValueError("--gpu_decode scores in memory from one --test_images spec or --test_csv_file: it does not take "
                          "--file_list, --resume, several specs or --output_format parquet")
     if args.output_format == "parquet":
         try:
@@ -122,19 +122,19 @@ def check_flags(args) -> None:
 
 
 def read_table(args, score_range=None):
-    """The --test_csv table (of MOS labels when score_range is given). Raises
+    """The --test_csv_file table (of MOS labels when score_range is given). Raises
     LabelFileError / ValueError."""
     folder = args.test_images[0]
     if not os.path.isdir(folder):
-        raise ValueError(f"--test_images {folder}: no such folder (with --test_csv it is the folder of the images the CSV names)")
+        raise ValueError(f"--test_images {folder}: no such folder (with --test_csv_file it is the folder of the images the CSV names)")
     if score_range is None:
-        return read_label_csv(args.test_csv, folder, require_labels=False, require_images=False)
-    return read_mos_csv(args.test_csv, folder, score_range, require_labels=False, require_images=False)
+        return read_label_csv(args.test_csv_file, folder, require_labels=False, require_images=False)
+    return read_mos_csv(args.test_csv_file, folder, score_range, require_labels=False, require_images=False)
 
 
 def collection_inputs(args, score_range=None) -> tuple:
     """(label table or None, sources) of a streaming run."""
-    if args.test_csv:
+    if args.test_csv_file:
         table = read_table(args, score_range)
         return table, [table_source(table)]
     return None, resolve_specs(args.test_images, args.file_list)
@@ -142,7 +142,7 @@ def collection_inputs(args, score_range=None) -> tuple:
 
 def load_inputs(args, score_range=None) -> tuple:
     """--gpu_decode's in-memory inputs: (table of images to score, ids to write)."""
-    if args.test_csv:
+    if args.test_csv_file:
         table = read_table(args, score_range)
         return table, table.ids
     spec = args.test_images[0]
@@ -181,9 +181,9 @@ def run(args, dist_info, device) -> int:
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
         batch_size = args.batch_size or default_batch_size(device)
         if args.gpu_decode:
-            workers = args.workers if args.workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
+            workers = args.num_workers if args.num_workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
         else:
-            workers = collection_workers(device, sources, args.workers, batch_size, args.tta,
+            workers = collection_workers(device, sources, args.num_workers, batch_size, args.tta,
                                          peek=len(table) if table is not None else None)
     except (ValueError, LabelFileError, CheckpointError) as exc:
         if dist_info.is_main:
@@ -214,11 +214,12 @@ def run(args, dist_info, device) -> int:
                                                     contact_sheet=args.contact_sheet, max_pixels=args.max_image_pixels)
             paths_by_id = OpenersById(ids, openers)
         if explain and rt.dist.is_main:  # from the predictions.csv just written
-            write_explanations(model, model_args, args.predictions, paths_by_id, explain, device,
+            rows = read_predictions(os.path.join(args.predictions, "predictions.csv"))
+            write_explanations(model, model_args, args.predictions, rows, paths_by_id, explain, device,
                                args.max_image_pixels, show_progress=not args.quiet)
         if not args.gpu_decode and not args.keep_parts:
             remove_parts(parts_dir(args.predictions))
-    except (OutputWriteError, ResumeError) as exc:
+    except (OutputWriteError, PartsResumeError) as exc:
         if rt.dist.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2

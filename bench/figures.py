@@ -8,12 +8,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import ImageDataset, eval_transform, load_rgb, train_transform
-from engine.gpu_decode import device_decode_loader
-from engine.inference import predict, score_images
+from engine.score.gpu_decode import device_decode_loader
+from engine.score.inference import predict, score_images
 from engine.loaders import make_loader
 from engine.metrics import mean_and_std
 from engine.runtime import Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
-from engine.training import EpochProgress, train_one_epoch
+from engine.train.epoch import EpochProgress, train_one_epoch
 from model import build_model, emd_per_sample
 
 from .reference_loop import reference_predict_files, reference_predict_tensors, reference_train_steps
@@ -183,7 +183,7 @@ class Bench:
                         **tflops(result))
 
     def _train_ours(self, source, total, amp, channels_last, compiled):
-        """Our training step (engine.training.train_one_epoch) as main.py sets it up."""
+        """Our training step (engine.train.epoch.train_one_epoch) as main.py sets it up."""
         args = self.args
         rt = self.runtime(amp, channels_last)  # uint8 batches are converted whatever its flag says
         configure_backends(rt)  # as main.py and test.py set them

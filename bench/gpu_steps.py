@@ -283,10 +283,10 @@ def cmd_main(args) -> int:
     validation of that epoch); then peak GPU memory. Writes --json on rank 0."""
     import torch
 
-    import engine.training
+    import engine.train.epoch
     import main as main_cli
 
-    original = engine.training.train_one_epoch
+    original = engine.train.epoch.train_one_epoch
     starts = []
 
     def counted(*a, **k):
@@ -295,7 +295,7 @@ def cmd_main(args) -> int:
 
     # main.py (or whatever module runs the epoch loop now) imported it by name.
     patched = [name for name, mod in list(sys.modules.items())
-               if getattr(mod, "train_one_epoch", None) is original and mod is not engine.training]
+               if getattr(mod, "train_one_epoch", None) is original and mod is not engine.train.epoch]
     for name in patched:
         setattr(sys.modules[name], "train_one_epoch", counted)
     # Whether a process group was made, and with which backend: a one-process torchrun job
@@ -437,7 +437,7 @@ def cmd_profile(args) -> int:
     from dataset import ImageDataset, train_transform
     from engine.loaders import make_loader
     from engine.runtime import Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
-    from engine.training import EpochProgress, train_one_epoch
+    from engine.train.epoch import EpochProgress, train_one_epoch
     from model import build_model, default_model_args
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

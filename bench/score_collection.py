@@ -1,7 +1,7 @@
 """test.py on a collection, as whole processes: images/s (start-up included) and peak
 memory (PSS of the process tree) scoring N cached JPEGs from a folder and from tar
 shards, with 1 and 2 processes (torchrun), beside the in-memory path test.py took before
-it streamed (engine.predictions.score_and_report, still main.py --test's).
+it streamed (engine.score.predictions.score_and_report, still main.py --test's).
 
     python -m bench.score_collection [--images 20000] [--device cpu] [--out results.jsonl]
     python -m bench.score_collection --quick      # 300 images, 3 of the runs: a smoke run (the test suite runs it)
@@ -32,7 +32,7 @@ import sys, torch
 from dataset import find_images
 from dataset.labels import LabelTable
 from engine.loaders import default_batch_size, default_workers
-from engine.predictions import score_and_report
+from engine.score.predictions import score_and_report
 from engine.runtime import Runtime
 from model import load_for_inference
 ckpt, folder, out = sys.argv[1:4]

@@ -40,7 +40,7 @@ from bench.backbones import hardware
 from dataset.images import load_rgb
 from engine.distributed import pick_device
 from engine.flags import HelpFormatter
-from engine.scorer import Scorer
+from engine.score.scorer import Scorer
 from fileio import atomic_write_text
 from model import build_model, default_model_args, save_checkpoint
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .flags import FALSE_WORDS, TRUE_WORDS
+from engine.flags import FALSE_WORDS, TRUE_WORDS
 
 
 @dataclass

@@ -10,7 +10,7 @@ import numpy as np
 from dataset.images import ImageReadError, load_rgb  # the same decoding as scoring: EXIF, every mode
 from fileio import atomic_path, write_or_remove
 
-from .metrics import plcc, srcc
+from engine.metrics import plcc, srcc
 
 DPI = 100
 SHEET_COLUMNS = 6          # at most this many tiles per row of the contact sheet

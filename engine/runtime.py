@@ -8,7 +8,7 @@ import torch
 
 from dataset.transforms import uint8_to_input
 
-from .distributed import DistInfo
+from engine.distributed import DistInfo
 
 
 @dataclass
@@ -25,7 +25,7 @@ class Runtime:
     # The model's input normalisation ('imagenet' or 'none'), applied on the device to
     # uint8 batches; set from the model's arguments with for_model().
     normalize: str = None
-    # Scoring decodes JPEGs on the device in batches (engine/gpu_decode.py) instead of
+    # Scoring decodes JPEGs on the device in batches (engine/score/gpu_decode.py) instead of
     # with Pillow in the loader workers.
     gpu_decode: bool = False
 

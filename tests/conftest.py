@@ -1,9 +1,19 @@
-"""Shared fixtures: a small generated data set and helpers to run the two CLIs in-process."""
+"""What the tests share: a small generated data set, the two CLIs run in-process, the
+markers (pytest.ini) with one CUDA skip, and helpers several test modules use: tiny
+checkpoints, image files of every kind, hand-made expectations (resizes, crops and inputs
+computed with PIL and numpy, not with the code under test), and torchrun process helpers.
+Test modules import these from here, never from each other."""
+import csv
+import io
 import os
+import signal
 import sys
+import tarfile
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -11,6 +21,8 @@ torch.set_num_threads(2)
 
 import main as main_cli  # noqa: E402
 import test as test_cli  # noqa: E402
+from model import build_model, default_model_args, save_checkpoint  # noqa: E402
+from model.registry import get_backbone  # noqa: E402
 from tools import make_demo_data  # noqa: E402
 
 
@@ -37,3 +49,201 @@ def run_main(argv):
 
 def run_test(argv):
     return test_cli.main(test_cli.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The one way a test says it needs CUDA: @pytest.mark.gpu. Without a CUDA device
+    those tests are skipped here, with one reason."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """One tiny_cnn checkpoint (32 px crops, seed 0) for the tests that only read it."""
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny.pth")
+
+
+# ---- checkpoints and images ------------------------------------------------------------
+
+EXIF_ORIENTATION = 0x0112
+
+def tiny_checkpoint(path, seed=0):
+    """A randomly initialised tiny_cnn NIMA saved in our checkpoint format (README, "Formats")."""
+    torch.manual_seed(seed)
+    model_args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
+    save_checkpoint(path, {"model": build_model(model_args).state_dict(), "model_args": model_args})
+    return path
+
+
+def noise(rng, w=48, h=40, channels=3):
+    return rng.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
+
+
+def make_photo_folder(root):
+    """One valid image per format/mode (ids -> expected readable), plus broken files in a
+    nested folder. Returns (valid relative paths, broken relative paths)."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sub" / "broken").mkdir(parents=True)
+    Image.fromarray(noise(rng)).save(root / "a_rgb.jpg", quality=90)
+    Image.fromarray(noise(rng, channels=4), "RGBA").save(root / "b_rgba.png")
+    pal = Image.fromarray(noise(rng)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.save(root / "c_palette_transparent.png", transparency=0)
+    Image.fromarray(noise(rng, channels=1), "L").save(root / "d_gray.png")
+    Image.fromarray(noise(rng, channels=2), "LA").save(root / "e_gray_alpha.png")
+    Image.fromarray((noise(rng, channels=1).astype(np.uint16) * 257)).save(root / "f_16bit.png")
+    Image.fromarray(noise(rng)).convert("CMYK").save(root / "g_cmyk.tif")
+    Image.fromarray(noise(rng)).save(root / "h.webp", quality=90)
+    Image.fromarray(noise(rng)).save(root / "i.bmp")
+    frames = [Image.new("RGB", (48, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(root / "sub" / "j_animated.gif", save_all=True, append_images=frames[1:], duration=100)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = 6  # stored landscape, shown portrait (rotate 90 degrees clockwise)
+    Image.fromarray(noise(rng, w=48, h=32)).save(root / "sub" / "k_exif6.jpg", exif=exif.tobytes())
+    # Broken: zero bytes, a JPEG cut in half, text with an image name; plus a non-image to ignore.
+    (root / "sub" / "broken" / "zero.jpg").write_bytes(b"")
+    buf = io.BytesIO()
+    Image.fromarray(noise(rng, 96, 80)).save(buf, "JPEG", quality=95)
+    (root / "sub" / "broken" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    (root / "sub" / "broken" / "text.jpg").write_text("not a picture\n")
+    (root / "notes.txt").write_text("ignored: not an image extension\n")
+    valid = ["a_rgb.jpg", "b_rgba.png", "c_palette_transparent.png", "d_gray.png", "e_gray_alpha.png", "f_16bit.png",
+             "g_cmyk.tif", "h.webp", "i.bmp", "sub/j_animated.gif", "sub/k_exif6.jpg"]
+    broken = ["sub/broken/text.jpg", "sub/broken/truncated.jpg", "sub/broken/zero.jpg"]
+    return valid, broken
+
+
+# ---- hand-made expectations ----------------------------------------------------------
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # torchvision's published statistics
+
+
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def hand_resize(img, shorter):
+    """torchvision's Resize(int) on a PIL image, by hand: the shorter side to `shorter`,
+    the longer one scaled and truncated, bilinear. An (H, W, 3) uint8 array."""
+    img = img.convert("RGB")
+    w, h = img.size
+    new = (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
+    return np.asarray(img.resize(new, Image.BILINEAR) if new != img.size else img)
+
+
+def hand_crops(path, resize_size, size):
+    """The ten TTA crops of an image file, by hand: resized (hand_resize), then centre
+    (offsets rounded half to even, as torchvision's CenterCrop), top-left, top-right,
+    bottom-left, bottom-right, then each of the five mirrored left-right. (H, W, 3) uint8
+    arrays; the first is the evaluation crop."""
+    with Image.open(path) as img:
+        a = hand_resize(img, resize_size)
+    h, w = a.shape[:2]
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
+    five = [a[top:top + size, left:left + size], a[:size, :size], a[:size, w - size:],
+            a[h - size:, :size], a[h - size:, w - size:]]
+    return five + [c[:, ::-1] for c in five]
+
+
+def to_input(crop, normalize):
+    """ToTensor, then ImageNet's mean and std if asked: a (3, H, W) float tensor."""
+    x = crop.astype(np.float32) / 255.0
+    if normalize == "imagenet":
+        x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def small_args(name, **extra):
+    """model_args at a small input, to keep the CPU tests fast: 64 px, so that the last
+    feature maps are still 2x2 (batch-norm statistics over a batch of 2 at 1x1 make the
+    gradients explode); 32 for vgg16 (no batch norm); more where the backbone needs it
+    (inception_v3: 75)."""
+    spec = get_backbone(name)
+    size = max(32 if name == "vgg16" else 64, spec.min_image_size)
+    return dict(default_model_args(name), image_size=size, resize_size=size + 8, **extra)
+
+
+# ---- torchrun jobs ------------------------------------------------------------------
+
+def children(pid):
+    """Direct child PIDs of `pid`, from /proc (psutil is not a dependency)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def worker_with_rank(torchrun_pid, rank):
+    for pid in children(torchrun_pid):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            if f"RANK={rank}".encode() in f.read().split(b"\0"):
+                return pid
+    raise AssertionError(f"no worker with RANK={rank} under torchrun {torchrun_pid}")
+
+
+def stop_job(proc):
+    """Kill a torchrun job left running by a failed test, its workers first."""
+    if proc.poll() is None:
+        for pid in children(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+# ---- collections: folders and tar shards ----------------------------------------------
+
+def jpeg(rng, w=64, h=48, fmt="JPEG"):
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+def write_tar(path, members):
+    """members: [(name, bytes)] written in this order."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def make_mixed(root, photos=40, per_shard=20):
+    """A folder (nested, 2 unreadable files) and 3 shards (a .json beside each image, one
+    unreadable member each, the key 'dup' in two of them). Returns the paths."""
+    rng = np.random.default_rng(3)
+    folder = root / "photos"
+    (folder / "sub").mkdir(parents=True)
+    for n in range(photos):
+        (folder / ("sub" if n % 3 == 0 else "") / f"p{n:03d}.{'png' if n % 4 == 0 else 'jpg'}").write_bytes(
+            jpeg(rng, fmt="PNG" if n % 4 == 0 else "JPEG"))
+    (folder / "sub" / "bad.jpg").write_text("not a picture\n")
+    whole = jpeg(rng, 96, 80)
+    (folder / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    shards = root / "shards"
+    shards.mkdir()
+    for k in range(3):
+        members = []
+        for n in range(per_shard):
+            members += [(f"s{k}_{n:03d}.jpg", jpeg(rng)), (f"s{k}_{n:03d}.json", b'{"n": %d}' % n)]
+        members.insert(5, (f"broken{k}.jpg", b"garbage, not a jpeg"))
+        if k < 2:
+            members.append(("dup.webp", jpeg(rng, fmt="WEBP")))
+        write_tar(shards / f"{k:06d}.tar", members)
+    return folder, shards
+
+
+def read_rows(out, name="predictions.csv"):
+    with open(out / name, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row_numbers(rs):
+    return np.array([[float(r[k]) for k in ("mean", "std", *(f"p{i}" for i in range(1, 11)))] for r in rs])

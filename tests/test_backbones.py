@@ -9,21 +9,10 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from conftest import run_main, run_test, tiny_train_args
+from conftest import hand_crops, run_main, run_test, small_args, tiny_train_args, to_input
 from dataset import eval_transform, load_rgb
 from model import build_model, default_model_args, emd_loss, list_backbones, load_for_inference, save_checkpoint
-from model.registry import PretrainedWeightsError, get_backbone
-from test_tta_crops import hand_crops, to_input
-
-
-def small_args(name, **extra):
-    """model_args at a small input, to keep the CPU tests fast: 64 px, so that the last
-    feature maps are still 2x2 (batch-norm statistics over a batch of 2 at 1x1 make the
-    gradients explode); 32 for vgg16 (no batch norm); more where the backbone needs it
-    (inception_v3: 75)."""
-    spec = get_backbone(name)
-    size = max(32 if name == "vgg16" else 64, spec.min_image_size)
-    return dict(default_model_args(name), image_size=size, resize_size=size + 8, **extra)
+from model.registry import PretrainedWeightsError
 
 
 def centre_crop_by_hand(path, model_args):
@@ -39,8 +28,6 @@ def few_images(demo_data, tmp_path_factory):
     for path in sorted((demo_data / "images").iterdir())[:2]:
         shutil.copy(path, folder / path.name)
     return folder
-
-
 
 
 @pytest.mark.parametrize("name", list_backbones())
@@ -102,6 +89,7 @@ def test_backbone_end_to_end(name, few_images, tmp_path):
     assert torch.load(ckpt, weights_only=True)["model_args"] == model_args
 
 
+@pytest.mark.slow
 def test_paper_head_key_layout():
     model = build_model(small_args("vgg16", head="paper"))
     state = model.state_dict()

@@ -19,6 +19,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE_FIGURES = ("train_synthetic", "infer_synthetic", "train_jpeg", "infer_jpeg")
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_quick_run_reports_every_figure(tmp_path):
     out = tmp_path / "bench.jsonl"
     proc = subprocess.run([sys.executable, "-m", "bench.bench", "--quick", "--device", "cpu", "--out", str(out)],
@@ -88,6 +90,7 @@ def test_timed_batches_counts_only_steps_after_warmup():
         TimedBatches(repeat("batch", 2), total=2, warmup=2, batch_size=4)
 
 
+@pytest.mark.subprocess
 def test_gpu_check_helpers(tmp_path, monkeypatch, capsys):
     """bench/gpu_steps.py's parsers and comparisons (the device run has no second try),
     and gpu_check.sh's syntax."""

@@ -1,4 +1,4 @@
-"""The checkpoint lifecycle (engine/checkpoints.py) through main.py: warm start keeps
+"""The checkpoint lifecycle (engine/train/checkpoints.py) through main.py: warm start keeps
 the checkpoint's schedule position and preprocessing, no checkpoint holds non-finite
 weights, and a resume refuses flags that would make its numbers another run's."""
 import json
@@ -23,6 +23,7 @@ def lrs(folder):
 DECAY = ("--decay", "--lr_decay_freq", "2", "--lr_decay_rate", "0.5", "--conv_base_lr", "0.02", "--dense_lr", "0.04")
 
 
+@pytest.mark.slow
 def test_warm_start_continues_the_decay_schedule_on_the_absolute_epoch(demo_data, tmp_path):
     straight, first, warm = tmp_path / "straight", tmp_path / "first", tmp_path / "warm"
     assert run_main(tiny_train_args(demo_data, straight, *DECAY, "--epochs", "4")) == 0
@@ -114,6 +115,7 @@ def one_image_csvs(demo_data, folder):
     return folder / "train.csv", folder / "val.csv"
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_bare_state_dict_records_the_chosen_normalisation(demo_data, bare_state_dict, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -138,6 +140,7 @@ def test_warm_start_from_a_bare_state_dict_records_the_chosen_normalisation(demo
     assert "contradicts" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_warm_start_from_a_bare_state_dict_keeps_no_normalisation_by_default(demo_data, bare_state_dict, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
@@ -155,7 +158,7 @@ def test_a_batch_of_only_unreadable_images_moves_no_weight():
     """With momentum, an optimiser step on zero gradients still moves the weights: a
     batch in which no image could be read must take no step at all."""
     from engine.runtime import Runtime
-    from engine.training import EpochProgress, train_one_epoch
+    from engine.train.epoch import EpochProgress, train_one_epoch
     torch.manual_seed(0)
     args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
     model = build_model(args)
@@ -178,7 +181,7 @@ def test_a_batch_of_only_unreadable_images_moves_no_weight():
 def test_metrics_jsonl_on_a_full_disk_is_a_clear_error_and_keeps_no_partial_line(demo_data, tmp_path, capsys, monkeypatch):
     import errno
 
-    from engine import run_log
+    from engine.train import log as run_log
     ckpt = tmp_path / "ckpt"
     assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "1")) == 0
     before = (ckpt / "metrics.jsonl").read_text()

@@ -2,59 +2,15 @@
 repeated keys, corrupt and truncated members), --file_list, parquet output, resume
 records, tools/make_shards.py. The multi-process, kill and memory tests are in
 test_collection_dist.py; the mixed data set of both is built here."""
-import csv
-import io
 import os
 import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from conftest import run_test
+from conftest import jpeg, make_mixed, read_rows, row_numbers, run_test, tiny_checkpoint, write_tar
 from dataset.sources import expand_braces, member_key
-from test_scoring import tiny_checkpoint
 from tools import make_shards
-
-
-def jpeg(rng, w=64, h=48, fmt="JPEG"):
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, fmt)
-    return buf.getvalue()
-
-
-def write_tar(path, members):
-    """members: [(name, bytes)] written in this order."""
-    with tarfile.open(path, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def make_mixed(root, photos=40, per_shard=20):
-    """A folder (nested, 2 unreadable files) and 3 shards (a .json beside each image, one
-    unreadable member each, the key 'dup' in two of them). Returns the paths."""
-    rng = np.random.default_rng(3)
-    folder = root / "photos"
-    (folder / "sub").mkdir(parents=True)
-    for n in range(photos):
-        (folder / ("sub" if n % 3 == 0 else "") / f"p{n:03d}.{'png' if n % 4 == 0 else 'jpg'}").write_bytes(
-            jpeg(rng, fmt="PNG" if n % 4 == 0 else "JPEG"))
-    (folder / "sub" / "bad.jpg").write_text("not a picture\n")
-    whole = jpeg(rng, 96, 80)
-    (folder / "cut.jpg").write_bytes(whole[: len(whole) // 2])
-    shards = root / "shards"
-    shards.mkdir()
-    for k in range(3):
-        members = []
-        for n in range(per_shard):
-            members += [(f"s{k}_{n:03d}.jpg", jpeg(rng)), (f"s{k}_{n:03d}.json", b'{"n": %d}' % n)]
-        members.insert(5, (f"broken{k}.jpg", b"garbage, not a jpeg"))
-        if k < 2:
-            members.append(("dup.webp", jpeg(rng, fmt="WEBP")))
-        write_tar(shards / f"{k:06d}.tar", members)
-    return folder, shards
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +23,6 @@ def mixed(tmp_path_factory):
 def score(ckpt, out, *specs_and_flags):
     return run_test(["--model", ckpt, "--predictions", out, "--workers", "0", "--quiet", "--batch_size", "16",
                      *specs_and_flags])
-
-
-def rows(out, name="predictions.csv"):
-    with open(out / name, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def numbers(rs):
-    return np.array([[float(r[k]) for k in ("mean", "std", *(f"p{i}" for i in range(1, 11)))] for r in rs])
 
 
 def test_brace_ranges_and_member_keys():
@@ -92,13 +39,13 @@ def test_shards_by_brace_range_glob_and_names_agree(mixed, tmp_path, capsys):
     assert score(ckpt, tmp_path / "brace", "--test_images", str(shards / "{000000..000002}.tar")) == 1
     assert score(ckpt, tmp_path / "glob", "--test_images", str(shards / "*.tar")) == 1
     assert score(ckpt, tmp_path / "each", "--test_images", *(str(shards / f"{k:06d}.tar") for k in range(3))) == 1
-    brace = rows(tmp_path / "brace")
+    brace = read_rows(tmp_path / "brace")
     ids = [r["image_id"] for r in brace]
     assert ids == sorted(ids) and len(ids) == 3 * 20 + 2
     assert "000000/dup" in ids and "000001/dup" in ids and "s1_007" in ids  # a repeated key gets its shard's name
     for other in ("glob", "each"):
         assert (tmp_path / other / "predictions.csv").read_bytes() == (tmp_path / "brace" / "predictions.csv").read_bytes()
-    errors = rows(tmp_path / "brace", "errors.csv")
+    errors = read_rows(tmp_path / "brace", "errors.csv")
     assert [e["path"] for e in errors] == [f"{shards / f'{k:06d}.tar'}:broken{k}.jpg" for k in range(3)]
     assert all("identify" in e["reason"] for e in errors)
     # A range none of whose names exists, and a reversed range, are usage errors.
@@ -122,9 +69,9 @@ def test_shard_scores_equal_the_same_files_scored_from_a_folder(mixed, tmp_path)
     write_tar(tmp_path / "one.tar", members)
     assert score(ckpt, tmp_path / "a", "--test_images", folder) == 0
     assert score(ckpt, tmp_path / "b", "--test_images", tmp_path / "one.tar") == 0
-    a, b = rows(tmp_path / "a"), rows(tmp_path / "b")
+    a, b = read_rows(tmp_path / "a"), read_rows(tmp_path / "b")
     assert [r["image_id"] for r in b] == [r["image_id"][:-4] for r in a]
-    assert np.array_equal(numbers(a), numbers(b))  # same bytes, same decode, same batch: same numbers
+    assert np.array_equal(row_numbers(a), row_numbers(b))  # same bytes, same decode, same batch: same numbers
 
 
 def test_truncated_shards_score_every_complete_member(mixed, tmp_path):
@@ -138,10 +85,10 @@ def test_truncated_shards_score_every_complete_member(mixed, tmp_path):
     (tmp_path / "on_boundary.tar").write_bytes(raw[: offsets["m4.jpg"][0]])     # cut before m4's header, no end marker
     out = tmp_path / "out"
     assert score(mixed["ckpt"], out, "--test_images", tmp_path / "in_member.tar", tmp_path / "on_boundary.tar") == 1
-    ids = [r["image_id"] for r in rows(out)]
+    ids = [r["image_id"] for r in read_rows(out)]
     # Keys both shards hold carry the shard's name; m3 is whole only in on_boundary.tar.
     assert ids == [f"in_member/m{n}" for n in range(3)] + ["m3"] + [f"on_boundary/m{n}" for n in range(3)]
-    errors = {e["path"]: e["reason"] for e in rows(out, "errors.csv")}
+    errors = {e["path"]: e["reason"] for e in read_rows(out, "errors.csv")}
     assert set(errors) == {str(tmp_path / "in_member.tar"), str(tmp_path / "on_boundary.tar")}
     assert "in or after member m3.jpg (3 image members before it read whole" in errors[str(tmp_path / "in_member.tar")]
     assert "after member m3.jpg (4 image members read whole): no end-of-archive marker" in errors[str(tmp_path / "on_boundary.tar")]
@@ -157,14 +104,14 @@ def test_file_list_relative_absolute_and_missing(mixed, tmp_path):
     (lists / "list.txt").write_text("\n".join(entries) + "\n")
     out = tmp_path / "out"
     assert score(mixed["ckpt"], out, "--file_list", lists / "list.txt") == 1
-    got = rows(out)
+    got = read_rows(out)
     assert [r["image_id"] for r in got] == sorted(["photos/p001.jpg", str(folder / "sub" / "p000.png"), "photos/p002.jpg"])
-    assert [(e["path"], e["reason"]) for e in rows(out, "errors.csv")] == [(str(lists / "photos" / "missing.jpg"), "file not found")]
+    assert [(e["path"], e["reason"]) for e in read_rows(out, "errors.csv")] == [(str(lists / "photos" / "missing.jpg"), "file not found")]
     # The same images scored from the folder score the same.
     assert score(mixed["ckpt"], tmp_path / "folder", "--test_images", folder) == 1
-    by_id = {r["image_id"]: r for r in rows(tmp_path / "folder")}
+    by_id = {r["image_id"]: r for r in read_rows(tmp_path / "folder")}
     same = {"photos/p001.jpg": "p001.jpg", "photos/p002.jpg": "p002.jpg", str(folder / "sub" / "p000.png"): "sub/p000.png"}
-    assert np.allclose(numbers(got), numbers([by_id[same[r["image_id"]]] for r in got]), rtol=0, atol=1e-6)
+    assert np.allclose(row_numbers(got), row_numbers([by_id[same[r["image_id"]]] for r in got]), rtol=0, atol=1e-6)
     (lists / "empty.txt").write_text("\n# nothing\n")
     assert score(mixed["ckpt"], tmp_path / "e", "--file_list", lists / "empty.txt") == 2
     assert score(mixed["ckpt"], tmp_path / "e", "--file_list", lists / "nope.txt") == 2
@@ -175,7 +122,7 @@ def test_parquet_reads_back_equal_to_the_csv(mixed, tmp_path):
     out = tmp_path / "out"
     assert score(mixed["ckpt"], out, "--test_images", mixed["folder"], "--output_format", "parquet") == 1
     table = pq.read_table(out / "predictions.parquet").to_pydict()
-    csv_rows = rows(out)
+    csv_rows = read_rows(out)
     assert list(table) == list(csv_rows[0])
     assert table["image_id"] == [r["image_id"] for r in csv_rows]
     for column in list(table)[1:]:
@@ -231,12 +178,12 @@ def test_make_shards_from_a_folder_and_a_csv(mixed, tmp_path, capsys):
         assert tar.getnames() == ["a.jpg", "v1_2.jpg"]
     assert "missing" in capsys.readouterr().err
     assert score(mixed["ckpt"], tmp_path / "pred", "--test_images", str(out / "{000000..000000}.tar")) == 0
-    assert [r["image_id"] for r in rows(tmp_path / "pred")] == ["a", "v1_2"]
+    assert [r["image_id"] for r in read_rows(tmp_path / "pred")] == ["a", "v1_2"]
 
 
 def test_pictures_and_explanations_of_tar_members(mixed, tmp_path):
     from dataset.images import ImageReadError, load_rgb
-    from engine.merge import member_bytes
+    from engine.score.merge import member_bytes
     shard = mixed["shards"] / "000000.tar"
     data = member_bytes(str(shard), "s0_003.jpg", f"{shard}:s0_003.jpg")
     assert load_rgb(data).size == (64, 48) and str(data) == f"{shard}:s0_003.jpg"

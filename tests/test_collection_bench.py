@@ -1,5 +1,6 @@
 """bench/score_collection.py's quick mode: every run scores every image (no time is
 asserted: the machine is shared)."""
+import pytest
 import json
 import subprocess
 import sys
@@ -7,6 +8,8 @@ import sys
 from conftest import ROOT
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_score_collection_bench_quick_mode(tmp_path):
     out = tmp_path / "bench.jsonl"
     proc = subprocess.run([sys.executable, "-m", "bench.score_collection", "--quick", "--data", str(tmp_path / "data"),

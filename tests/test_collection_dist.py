@@ -16,10 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, run_test
-from test_collection import make_mixed, numbers, rows
-from test_distributed import stop_job, worker_with_rank
-from test_scoring import tiny_checkpoint
+from conftest import ROOT, make_mixed, read_rows, row_numbers, run_test, stop_job, tiny_checkpoint, worker_with_rank
 
 TEST = os.path.join(ROOT, "test.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
@@ -54,10 +51,10 @@ def torchrun(args):
 
 
 def assert_same_output(got, expected):
-    a, b = rows(got), rows(expected)
+    a, b = read_rows(got), read_rows(expected)
     assert [r["image_id"] for r in a] == [r["image_id"] for r in b]  # same images, same order
-    assert np.allclose(numbers(a), numbers(b), rtol=0, atol=1e-5)
-    assert rows(got, "errors.csv") == rows(expected, "errors.csv")
+    assert np.allclose(row_numbers(a), row_numbers(b), rtol=0, atol=1e-5)
+    assert read_rows(got, "errors.csv") == read_rows(expected, "errors.csv")
     assert (got / "pred.txt").read_text().splitlines()[0].split()[0] == (expected / "pred.txt").read_text().split()[0]
 
 
@@ -69,6 +66,8 @@ def part_refs(out):
     return refs
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_two_processes_give_the_one_process_output(mixed, tmp_path):
     out = tmp_path / "two"
     # A loader worker per process: 4 slots for 3 shards, so the members are dealt by hash.
@@ -76,14 +75,16 @@ def test_two_processes_give_the_one_process_output(mixed, tmp_path):
     assert proc.returncode != 0 and "exitcode  : 1" in proc.stderr, proc.stdout + proc.stderr  # corrupt files: exit 1
     assert proc.stdout.count("scored ") == 1, proc.stdout  # only rank 0 merges and reports
     assert_same_output(out, mixed["single"])
-    ids = [r["image_id"] for r in rows(out)]
+    ids = [r["image_id"] for r in read_rows(out)]
     assert "000000/dup" in ids and "000001/dup" in ids and len(ids) == len(set(ids)) == 40 + 62
     parts = {p.name.split("-")[1] for p in (out / "parts").glob("part-*.csv")}
     assert parts == {"r00000", "r00001"}  # each process wrote its own parts
     refs = part_refs(out)
-    assert len(refs) == len(set(refs)) == len(ids) + len(rows(out, "errors.csv"))
+    assert len(refs) == len(set(refs)) == len(ids) + len(read_rows(out, "errors.csv"))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_killed_process_ends_the_job_and_resume_with_another_count_completes_it(mixed, tmp_path):
     out = tmp_path / "killed"
     # Two processes, no loader worker (2 slots for 3 shards: whole shards), one image per
@@ -115,7 +116,7 @@ def test_a_killed_process_ends_the_job_and_resume_with_another_count_completes_i
     assert killed_parts <= {p.name for p in (out / "parts").glob("part-*.csv")}  # kept, not rescored
     refs = part_refs(out)
     assert len(refs) == len(set(refs)), "an image was scored twice"
-    assert set(before) < set(refs) and len(refs) == len(rows(out)) + len(rows(out, "errors.csv"))
+    assert set(before) < set(refs) and len(refs) == len(read_rows(out)) + len(read_rows(out, "errors.csv"))
 
 
 def tiny_folder(root, n):
@@ -157,6 +158,8 @@ def timed_run(args, out):
     return proc.returncode, first, time.time() - start, usage.ru_maxrss / 1024
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_streaming_first_results_early_and_memory_flat(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
     figures = {}
@@ -166,7 +169,7 @@ def test_streaming_first_results_early_and_memory_flat(tmp_path):
                 "--quiet", "--device", "cpu", "--batch_size", "64", "--keep_parts"]
         code, first, total, peak = timed_run([str(a) for a in args], out)
         assert code == 0
-        assert len(rows(out)) == n
+        assert len(read_rows(out)) == n
         figures[n] = {"first_part_s": first, "total_s": round(total, 2), "peak_mb": round(peak, 1),
                       "parts": len(list((out / "parts").glob("part-*.csv")))}
     print("streaming:", json.dumps(figures))

@@ -1,5 +1,6 @@
 """Scoring on a laptop: the CPU defaults of test.py, and bench/cpu_scoring.py's quick mode
 (it times test.py against the reference-style loop; no time is asserted here)."""
+import pytest
 import subprocess
 import sys
 
@@ -22,6 +23,8 @@ def test_cpu_defaults_bound_memory_and_leave_the_cores_to_torch(monkeypatch):
     assert loaders.default_workers(cuda, 1000, 64) == 8
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_cpu_scoring_bench_quick_mode_reports_both_sides(tmp_path):
     out = tmp_path / "cpu.jsonl"
     proc = subprocess.run([sys.executable, "-m", "bench.cpu_scoring", "--quick", "--data", str(tmp_path / "data"),
@@ -38,7 +41,7 @@ def test_cpu_scoring_bench_quick_mode_reports_both_sides(tmp_path):
 
 def test_the_scorer_takes_the_cpu_default_batch(tmp_path):
     from engine.runtime import Runtime
-    from engine.scorer import Scorer
+    from engine.score.scorer import Scorer
     from model import build_model, default_model_args
     args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
     scorer = Scorer(build_model(args).eval(), args, Runtime(torch.device("cpu"), show_progress=False))

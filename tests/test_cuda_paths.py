@@ -12,12 +12,9 @@ import torch
 
 from conftest import run_main, run_test, tiny_train_args
 from engine.runtime import Runtime, configure_backends, resolve_speed_flags
-from engine.training import EpochProgress, train_one_epoch
+from engine.train.epoch import EpochProgress, train_one_epoch
 from model import build_model, default_model_args, emd_per_sample
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is False): "
-                                                     "the CUDA speed paths run only on a GPU machine")
 SIZE = 32
 
 
@@ -104,7 +101,7 @@ def test_configure_backends_leaves_cpu_runs_alone():
 
 # ----- CUDA: skipped without a GPU -----
 
-@needs_cuda
+@pytest.mark.gpu
 def test_configure_backends_on_cuda():
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
     try:
@@ -116,7 +113,7 @@ def test_configure_backends_on_cuda():
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_float32_predictions_equal_cpu_to_1e5():
     """With autocast off, IEEE float32 convolutions on CUDA give the CPU's outputs."""
     before = (torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32)
@@ -132,14 +129,14 @@ def test_cuda_float32_predictions_equal_cpu_to_1e5():
         torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = before
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_resolve_speed_flags_on_cuda():
     cuda = torch.device("cuda")
     assert resolve_speed_flags("auto", "auto", cuda) == (torch.cuda.is_bf16_supported(), True)
     assert resolve_speed_flags("off", "off", cuda) == (False, False)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_bf16_channels_last_train_step():
     if not torch.cuda.is_bf16_supported():
         pytest.skip(f"{torch.cuda.get_device_name()} has no bf16 support")
@@ -147,7 +144,7 @@ def test_cuda_bf16_channels_last_train_step():
     check_train_step(rt, tiny_model("cuda", channels_last=True))
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_main_and_test_py_on_cuda_defaults(demo_data, tmp_path):
     """main.py and test.py with their CUDA defaults (bf16 + channels_last where supported,
     cudnn.benchmark, pinned memory, foreach SGD) against test.py in float32 on CPU."""
@@ -163,7 +160,8 @@ def test_main_and_test_py_on_cuda_defaults(demo_data, tmp_path):
     assert np.abs(preds["cuda"][:, 0] - preds["cpu"][:, 0]).max() < 0.05
 
 
-@needs_cuda
+@pytest.mark.subprocess
+@pytest.mark.gpu
 def test_bench_quick_on_cuda(tmp_path):
     """The benchmark's CUDA variants (bf16, bf16 + channels_last) run; no time asserted."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,6 +1,6 @@
 """Preprocessing on the device: the uint8 loader path (workers hand uint8 crops, the
 device converts and normalises) against the float path, and the JPEG decode path
-(engine/gpu_decode.py) against the Pillow path, on CPU; CUDA variants skip without a GPU."""
+(engine/score/gpu_decode.py) against the Pillow path, on CPU; CUDA variants skip without a GPU."""
 import json
 import os
 
@@ -13,16 +13,14 @@ from torch.utils.data import default_collate
 from bench.ava_like import ava_like_image
 from dataset import ImageDataset, load_rgb
 from dataset.transforms import TTACrops, eval_transform, train_transform, uint8_to_input
-from engine import gpu_decode
-from engine.gpu_decode import (DeviceJpegDecoder, JpegBytesDataset, apply_orientation, device_decode_loader,
+from engine.score import gpu_decode
+from engine.score.gpu_decode import (DeviceJpegDecoder, JpegBytesDataset, apply_orientation, device_decode_loader,
                                jpeg_header)
-from engine.inference import predict
+from engine.score.inference import predict
 from engine.loaders import make_loader
 from engine.runtime import Runtime, resolve_uint8_transfer
 from model import build_model, default_model_args
 
-HAS_CUDA = torch.cuda.is_available()
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device: the device-side preprocessing runs on CPU here")
 MODEL_ARGS = {"resize_size": 72, "image_size": 64, "normalize": "imagenet"}
 # Measured on CPU (torchvision's libjpeg-turbo decode against Pillow's, then its float
 # antialiased resize against Pillow's fixed-point one): the decoded pixels are equal, and
@@ -263,7 +261,7 @@ def test_device_decode_loader_predicts_as_the_pillow_loader(jpegs, tta):
 
 # ----- CUDA: skipped without a GPU -----
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_uint8_path_equals_cpu_float_path():
     images = pil_images()
     expected = torch.stack([eval_transform(MODEL_ARGS)(img) for img in images])
@@ -275,7 +273,7 @@ def test_cuda_uint8_path_equals_cpu_float_path():
     assert diff <= 1e-6
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("tta", [1, 10])
 def test_cuda_decode_crops_near_pillow_crops(jpegs, tta):
     """nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's. The printed
@@ -294,7 +292,7 @@ def test_cuda_decode_crops_near_pillow_crops(jpegs, tta):
     assert max(means) < 2 and max(maxes) < 40
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_cuda_device_decode_loader_runs_with_workers(jpegs):
     paths = [jpegs[n] for n in DEVICE_NAMES + PILLOW_NAMES] * 3
     model_args = dict(default_model_args("tiny_cnn"), image_size=64, resize_size=72)
@@ -307,6 +305,7 @@ def test_cuda_device_decode_loader_runs_with_workers(jpegs):
 
 # ----- the CLIs' flags -----
 
+@pytest.mark.slow
 def test_cli_uint8_transfer_and_gpu_decode_match_the_float_path(demo_data, tmp_path):
     from conftest import run_main, run_test, tiny_train_args
     losses = {}

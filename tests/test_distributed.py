@@ -22,10 +22,10 @@ import pytest
 import torch
 
 import main as main_cli
-from conftest import ROOT, run_main, run_test, tiny_train_args
+from conftest import ROOT, run_main, run_test, stop_job, tiny_train_args, worker_with_rank
 from dataset import read_label_csv
 from engine import distributed
-from engine.inference import evaluate, inference_dataset
+from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
 from engine.runtime import Runtime
 from model import load_for_inference
@@ -93,6 +93,8 @@ def ddp_run(demo_data, tmp_path_factory):
     return ckpt, proc
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_ddp_run_writes_one_set_of_outputs(ddp_run):
     ckpt, proc = ddp_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -112,6 +114,7 @@ def test_ddp_run_writes_one_set_of_outputs(ddp_run):
     assert load(ckpt / "last.pth")["epoch"] == 2
 
 
+@pytest.mark.subprocess
 def test_ddp_metrics_equal_single_process_evaluation(ddp_run, demo_data, tmp_path):
     ckpt, proc = ddp_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -145,6 +148,8 @@ def copy_data(demo_data, dest, corrupt_train_images=0):
     return bad
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_ddp_resume_from_last_pth_counts_every_ranks_unreadable_images(ddp_run, demo_data, tmp_path):
     ckpt, first = ddp_run
     assert first.returncode == 0, first.stdout + first.stderr
@@ -165,35 +170,8 @@ def test_ddp_resume_from_last_pth_counts_every_ranks_unreadable_images(ddp_run, 
     assert_same_metrics(single_process_val_metrics(resumed / "last.pth", demo_data), records[-1], "val_")
 
 
-def children(pid):
-    """Direct child PIDs of `pid`, from /proc (psutil is not a dependency)."""
-    out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                out += [int(c) for c in f.read().split()]
-        except FileNotFoundError:
-            pass
-    return out
-
-
-def worker_with_rank(torchrun_pid, rank):
-    for pid in children(torchrun_pid):
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                return pid
-    raise AssertionError(f"no worker with RANK={rank} under torchrun {torchrun_pid}")
-
-
-def stop_job(proc):
-    """Kill a torchrun job left running by a failed test, its workers first."""
-    if proc.poll() is None:
-        for pid in children(proc.pid):
-            os.kill(pid, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
-
-
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_elastic_restart_after_a_worker_is_sigkilled(tmp_path):
     # 210 training images: an epoch lasts seconds, so the kill lands mid-run. One validation
     # image: rank 1's validation shard is empty, which must not hang the job either.
@@ -226,6 +204,8 @@ def test_elastic_restart_after_a_worker_is_sigkilled(tmp_path):
     assert load(ckpt / "best.pth")["epoch"] == max(improved_epochs(read_metrics(ckpt)))
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_a_failing_rank_ends_the_job_with_its_error(demo_data, tmp_path):
     # One corrupt training image under --strict_images: only the rank whose shard holds it
     # fails; the other rank, waiting for it in the gradient all-reduce, must not hang.
@@ -246,8 +226,8 @@ sys.path.insert(0, sys.argv[1])
 from dataset import ShardSampler
 from engine import distributed
 from engine.runtime import Runtime
-from engine.inference import gather_predictions
-from engine.training import EpochProgress, epoch_train_loss
+from engine.score.inference import gather_predictions
+from engine.train.epoch import EpochProgress, epoch_train_loss
 
 info, device = distributed.setup("cpu", timeout_s=3)
 rt = Runtime(device, dist=info, show_progress=False)
@@ -284,6 +264,8 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_helpers_across_two_ranks_and_hung_rank_times_out(tmp_path):
     env = dict(job_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs, logs = [], [tmp_path / f"rank{r}.txt" for r in range(2)]
@@ -303,6 +285,7 @@ def test_helpers_across_two_ranks_and_hung_rank_times_out(tmp_path):
     assert 2.5 <= seconds < 30  # the 3 s process-group timeout, not the 600 s default
 
 
+@pytest.mark.subprocess
 def test_multi_gpu_prints_a_runnable_torchrun_command(demo_data, tmp_path, monkeypatch, capsys):
     argv = [str(a) for a in tiny_train_args(demo_data, tmp_path / "ckpt")]
     monkeypatch.setattr(sys, "argv", ["main.py", *argv, "--multi_gpu", "True", "--gpu_ids", "2", "3"])

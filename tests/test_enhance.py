@@ -1,4 +1,4 @@
-"""tools/enhance.py and engine/enhance.py with a model that demonstrably prefers brighter
+"""tools/enhance.py and engine/explain/enhance.py with a model that demonstrably prefers brighter
 photos: the score goes up, brightness goes up, every setting stays in its bounds, the
 output keeps the photo's size, and a brightness sweep's scores rise with brightness."""
 import json
@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from engine.enhance import PARAMS, apply_full, apply_params, enhance, photo_grey, score_image
-from engine.pixels import image_to_tensor, tensor_to_image
+from engine.explain.enhance import PARAMS, apply_full, apply_params, enhance, photo_grey, score_image
+from engine.explain.pixels import image_to_tensor, tensor_to_image
 from model import build_model, default_model_args, load_for_inference, save_checkpoint
 from tools import enhance as enhance_cli
 
@@ -171,7 +171,7 @@ def test_enhance_function_starts_neutral(setup):
     assert found["history"] == sorted(found["history"]) and found["raised"]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the enhancement runs on CPU here")
+@pytest.mark.gpu
 def test_cuda_finds_what_the_cpu_finds(setup, tmp_path):
     records = []
     for device in ("cpu", "cuda"):

@@ -1,4 +1,4 @@
-"""Heat maps (engine/explain.py): the peak lies where the score can change, the map has
+"""Heat maps (engine/explain/heatmaps.py): the peak lies where the score can change, the map has
 the photo's size and is the same twice, every kind of backbone works, and test.py
 --explain writes one readable picture per chosen image, with a CSV and with a folder."""
 import csv
@@ -10,14 +10,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import run_test
+from conftest import make_photo_folder, run_test, small_args, tiny_checkpoint
 from dataset.transforms import eval_transform
-from engine.explain import explain_image
-from engine.pixels import safe_name
+from engine.explain.heatmaps import explain_image
+from engine.explain.pixels import safe_name
 from model import build_model, default_model_args, load_for_inference
 from model.nima import NIMA
-from test_backbones import small_args
-from test_scoring import make_photo_folder, tiny_checkpoint
 
 # A 100 x 80 photo, resized to a shorter side of 64 (80 x 64) and centre-cropped to 64:
 # the crop starts 8 resized pixels from the left, and one resized pixel is 1.25 of the
@@ -120,7 +118,7 @@ def test_released_vgg16_layout(tmp_path):
     assert heat.shape == (240, 320) and np.abs(heat).max() > 0
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the heat maps run on CPU here")
+@pytest.mark.gpu
 def test_cuda_deterministic_and_close_to_cpu():
     torch.manual_seed(0)
     model_args = small_args("mobilenet_v3_large")
@@ -197,7 +195,7 @@ def test_test_py_explain_bad_values(tmp_path, capsys, bad):
 
 
 def test_scorer_explain(tmp_path):
-    from engine.scorer import Scorer
+    from engine.score.scorer import Scorer
     scorer = Scorer.from_checkpoint(tiny_checkpoint(tmp_path / "tiny.pth", seed=6), device="cpu")
     img = photo(3, (61, 47))
     img.save(tmp_path / "p.png")

@@ -54,6 +54,7 @@ def test_torchscript_export_matches_pytorch_at_any_batch_size(checkpoint, tmp_pa
     assert got.shape == (5, 10) and (got - expected).abs().max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_pytorch_in_onnxruntime(checkpoint, tmp_path, capsys):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")

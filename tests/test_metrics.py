@@ -12,11 +12,10 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import ROOT, run_main, run_test, tiny_train_args
-from engine.predictions import write_predictions
+from conftest import ROOT, run_main, run_test, tiny_checkpoint, tiny_train_args
+from engine.score.predictions import write_predictions
 from tools.pred_txt import read_pred_txt
 from engine.metrics import PAPER_VGG16, compute_metrics, format_table, mean_and_std, plcc, score_metrics, srcc
-from test_scoring import tiny_checkpoint
 
 ALL_KEYS = {"n", "emd", "emd_r1", "srcc_mean", "plcc_mean", "srcc_std", "plcc_std", "accuracy", "mae_mean", "rmse_mean"}
 REFERENCE_PREDS = os.path.join(ROOT, "tests", "data", "reference_pred.txt")
@@ -193,7 +192,7 @@ def test_monitor_val_srcc_mean_chooses_best_pth(demo_data, tmp_path):
     assert sorted(int(p.stem.split("-")[1]) for p in ckpt.glob("epoch-*.pth")) == improved
     saved = torch.load(ckpt / "best.pth", weights_only=True)
     assert saved["epoch"] == improved[-1] and saved["monitor"] == "val_srcc_mean"
-    assert saved["best_val_loss"] == pytest.approx(-best)  # stored sign-adjusted: lower is better
+    assert saved["best_value"] == pytest.approx(best)  # the metric's own value, not sign-adjusted
     # The curves show the monitored metric in a third panel: 3 x 500 by 380 pixels.
     from PIL import Image
     with Image.open(ckpt / "snapshots" / "curves.png") as img:

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_main, run_test, tiny_train_args
+from conftest import run_main, run_test, tiny_checkpoint, tiny_train_args
 from engine.plots import contact_sheet_layout, contact_sheet_pixels, plot_contact_sheet, plot_scatter
-from test_scoring import tiny_checkpoint
 
 
 def png_size(path):

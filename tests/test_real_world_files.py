@@ -16,7 +16,7 @@ import torch
 
 from conftest import run_main, run_test
 from dataset import ImageReadError
-from engine.scorer import Scorer
+from engine.score.scorer import Scorer
 from image_corpus import broken_files, expected_size, register_fault_decoder, tiff_with_oversized_tag, valid_files
 from tools import ava_to_csv, check_images, resize_images
 

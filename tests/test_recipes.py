@@ -10,7 +10,7 @@ import torch
 
 import main as main_cli
 from conftest import run_main, tiny_train_args
-from engine.signals import StopRequested
+from engine.train.signals import StopRequested
 from model import build_model, default_model_args
 
 
@@ -41,6 +41,7 @@ def released(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_init_from_a_released_checkpoint_freezes_the_base_for_one_epoch(demo_data, released, tmp_path, capsys):
     # One training and two validation images: VGG16 steps on CPU stay in seconds.
     rows = (demo_data / "train_labels.csv").read_text().splitlines()
@@ -86,6 +87,7 @@ def test_init_from_a_checkpoint_that_does_not_fit_is_a_clear_error(demo_data, re
     assert "--init_from and --warm_start exclude each other" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_init_from_one_of_ours_then_freeze_the_base(demo_data, tmp_path, capsys):
     source, tuned = tmp_path / "source", tmp_path / "tuned"
     assert run_main(tiny_train_args(demo_data, source, "--epochs", "3", "--normalize", "none")) == 0
@@ -112,6 +114,7 @@ def test_init_from_one_of_ours_then_freeze_the_base(demo_data, tmp_path, capsys)
     assert all(math.isfinite(r["val_emd"]) for r in records)
 
 
+@pytest.mark.slow
 def test_the_base_stays_put_through_a_frozen_epoch_whatever_the_optimiser(demo_data, tmp_path):
     """Epoch 1 frozen, epoch 2 not: the base's weights from last.pth after each, for SGD
     with momentum and weight decay, and for AdamW (whose state would move them)."""
@@ -138,6 +141,7 @@ COSINE = ("--optimizer", "adamw", "--lr_schedule", "cosine", "--warmup_epochs", 
           "--clip_grad_norm", "1.0", "--conv_base_lr", "0.002", "--dense_lr", "0.004")
 
 
+@pytest.mark.slow
 def test_adamw_cosine_with_warmup_follows_the_schedule_and_resumes_exactly(demo_data, tmp_path, monkeypatch, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert run_main(tiny_train_args(demo_data, straight, *COSINE, "--epochs", "4")) == 0
@@ -201,7 +205,7 @@ def test_clip_grad_norm_bounds_each_step():
     """With plain SGD at rate 1, a step moves the weights by exactly the gradient: clipped
     to norm c, the whole step has norm at most c; unclipped, it is far larger."""
     from engine.runtime import Runtime
-    from engine.training import EpochProgress, train_one_epoch
+    from engine.train.epoch import EpochProgress, train_one_epoch
     args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
     batch = {"index": torch.tensor([0, 1]), "image": torch.rand(2, 3, 32, 32), "target": torch.eye(10)[[0, 9]],
              "ok": torch.tensor([True, True]), "error": ["", ""]}
@@ -220,7 +224,7 @@ def test_clip_grad_norm_bounds_each_step():
 def _ddp_freeze_worker(rank, port, result):
     import os
     import torch.distributed as dist
-    from engine.optim import base_parameters, build_optimizer, set_base_frozen
+    from engine.train.optim import base_parameters, build_optimizer, set_base_frozen
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -244,6 +248,8 @@ def _ddp_freeze_worker(rank, port, result):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_freezing_under_ddp_moves_no_base_weight_and_keeps_replicas_equal():
     import socket
     import torch.multiprocessing as mp

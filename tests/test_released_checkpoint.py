@@ -61,6 +61,7 @@ def test_vgg16_state_dict_has_the_released_layout(released_state_dict):
     assert released_state_dict["classifier.1.weight"].shape == (10, 25088)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["zip", "legacy", "multi_gpu"])
 def test_released_checkpoint_scores_like_the_reference(variant, released_state_dict, photos, tmp_path):
     state = dict(released_state_dict)

@@ -13,7 +13,7 @@ from PIL import Image
 
 import hubconf
 from conftest import run_test
-from engine.scorer import Scorer
+from engine.score.scorer import Scorer
 from model import build_model, default_model_args
 from tools import export
 
@@ -66,6 +66,7 @@ def scored(folder):
         return {r["image_id"]: (float(r["mean"]), float(r["std"])) for r in csv.DictReader(f)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [None, "imagenet", "none"])
 def test_test_py_matches_the_pipeline_of_the_chosen_release(released, photos, tmp_path, capsys, flag):
     path, state = released
@@ -83,6 +84,7 @@ def test_test_py_matches_the_pipeline_of_the_chosen_release(released, photos, tm
         assert got[name][0] == pytest.approx(mean, abs=1e-4) and got[name][1] == pytest.approx(std, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_the_two_normalisations_give_different_scores(released, photos, tmp_path):
     """Guards the test above: if the flag changed nothing, both pipelines would agree."""
     path, state = released
@@ -103,6 +105,7 @@ def test_metrics_json_records_the_normalisation(released, photos, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["model_args"]["normalize"] == "imagenet"
 
 
+@pytest.mark.slow
 def test_scorer_hub_and_export_take_the_choice(released, photos, tmp_path):
     path, state = released
     mean, std = pipeline_2021(state, photos / "201.jpg", normalize=True)

@@ -100,6 +100,7 @@ def kill_after_first_checkpoint(argv, ckpt, sig):
     return proc.returncode, output
 
 
+@pytest.mark.slow
 def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(demo_data, tmp_path, reference):
     ckpt = tmp_path / "ckpt"
     code, output = kill_after_first_checkpoint(train_args(demo_data, ckpt), ckpt, signal.SIGKILL)
@@ -111,6 +112,7 @@ def test_sigkill_after_first_checkpoint_then_resume_matches_uninterrupted(demo_d
     assert_same_run(ckpt, reference)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_data, tmp_path, reference):
     ckpt = tmp_path / "ckpt"
     code, output = kill_after_first_checkpoint(train_args(demo_data, ckpt, *MID_EPOCH_FLAGS), ckpt, signal.SIGKILL)
@@ -123,6 +125,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(demo_data, tmp_path
     assert_same_run(ckpt, reference, exact_loss=False)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_last_and_exits_143_then_resumes(demo_data, tmp_path, reference):
     # With a loader worker: dropout masks must not depend on whether this process's RNG
     # also fed the data pipeline, or a resumed epoch would differ from the reference.

@@ -6,12 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_test
+from conftest import hand_crops, make_photo_folder, run_test, tiny_checkpoint, to_input
 from dataset import ImageReadError
-from engine.scorer import Score, Scorer
+from engine.score.scorer import Score, Scorer
 from model import build_model
-from test_scoring import make_photo_folder, tiny_checkpoint
-from test_tta_crops import hand_crops, to_input
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def test_an_in_memory_image_that_cannot_be_transformed_is_an_image_read_error():
 
     from dataset import ImageReadError
     from engine.runtime import Runtime
-    from engine.scorer import Scorer
+    from engine.score.scorer import Scorer
     from model import build_model, default_model_args
     args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
     scorer = Scorer(build_model(args).eval(), args, Runtime(torch.device("cpu"), show_progress=False))

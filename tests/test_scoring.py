@@ -1,65 +1,16 @@
 """Scoring your own photos with test.py: any format and mode, folders, globs, single
 files, broken files, and deterministic test-time augmentation."""
 import csv
-import io
 import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from conftest import run_test
+from conftest import make_photo_folder, noise, run_test, tiny_checkpoint
 from dataset.images import load_rgb
-from model import build_model, default_model_args, save_checkpoint
 
 EXIF_ORIENTATION = 0x0112
-
-
-def tiny_checkpoint(path, seed=0):
-    """A randomly initialised tiny_cnn NIMA saved in our checkpoint format (README, "Formats")."""
-    torch.manual_seed(seed)
-    model_args = dict(default_model_args("tiny_cnn"), image_size=32, resize_size=40)
-    save_checkpoint(path, {"model": build_model(model_args).state_dict(), "model_args": model_args})
-    return path
-
-
-def noise(rng, w=48, h=40, channels=3):
-    return rng.integers(0, 256, (h, w, channels) if channels > 1 else (h, w), dtype=np.uint8)
-
-
-def make_photo_folder(root):
-    """One valid image per format/mode (ids -> expected readable), plus broken files in a
-    nested folder. Returns (valid relative paths, broken relative paths)."""
-    rng = np.random.default_rng(0)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "sub" / "broken").mkdir(parents=True)
-    Image.fromarray(noise(rng)).save(root / "a_rgb.jpg", quality=90)
-    Image.fromarray(noise(rng, channels=4), "RGBA").save(root / "b_rgba.png")
-    pal = Image.fromarray(noise(rng)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
-    pal.save(root / "c_palette_transparent.png", transparency=0)
-    Image.fromarray(noise(rng, channels=1), "L").save(root / "d_gray.png")
-    Image.fromarray(noise(rng, channels=2), "LA").save(root / "e_gray_alpha.png")
-    Image.fromarray((noise(rng, channels=1).astype(np.uint16) * 257)).save(root / "f_16bit.png")
-    Image.fromarray(noise(rng)).convert("CMYK").save(root / "g_cmyk.tif")
-    Image.fromarray(noise(rng)).save(root / "h.webp", quality=90)
-    Image.fromarray(noise(rng)).save(root / "i.bmp")
-    frames = [Image.new("RGB", (48, 40), c) for c in ((255, 0, 0), (0, 0, 255))]
-    frames[0].save(root / "sub" / "j_animated.gif", save_all=True, append_images=frames[1:], duration=100)
-    exif = Image.Exif()
-    exif[EXIF_ORIENTATION] = 6  # stored landscape, shown portrait (rotate 90 degrees clockwise)
-    Image.fromarray(noise(rng, w=48, h=32)).save(root / "sub" / "k_exif6.jpg", exif=exif.tobytes())
-    # Broken: zero bytes, a JPEG cut in half, text with an image name; plus a non-image to ignore.
-    (root / "sub" / "broken" / "zero.jpg").write_bytes(b"")
-    buf = io.BytesIO()
-    Image.fromarray(noise(rng, 96, 80)).save(buf, "JPEG", quality=95)
-    (root / "sub" / "broken" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    (root / "sub" / "broken" / "text.jpg").write_text("not a picture\n")
-    (root / "notes.txt").write_text("ignored: not an image extension\n")
-    valid = ["a_rgb.jpg", "b_rgba.png", "c_palette_transparent.png", "d_gray.png", "e_gray_alpha.png", "f_16bit.png",
-             "g_cmyk.tif", "h.webp", "i.bmp", "sub/j_animated.gif", "sub/k_exif6.jpg"]
-    broken = ["sub/broken/text.jpg", "sub/broken/truncated.jpg", "sub/broken/zero.jpg"]
-    return valid, broken
 
 
 @pytest.fixture(scope="module")

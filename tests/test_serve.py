@@ -137,6 +137,8 @@ def png_bytes(w, h) -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_scores_equal_test_py(setup, tmp_path):
     out = tmp_path / "pred"
     assert run_test(["--model", setup["ckpt"], "--test_images", setup["root"] / "images", "--predictions", out,
@@ -168,6 +170,7 @@ def metric(text: str, name: str) -> float:
     return float(found.group(1))
 
 
+@pytest.mark.subprocess
 def test_concurrent_requests_are_batched_and_equal_sequential(setup):
     images = setup["images"]
     names = list(images)
@@ -221,6 +224,7 @@ def chunked(data: bytes, size=256 * 1024):
         yield data[start:start + size]
 
 
+@pytest.mark.subprocess
 def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
     server, images = setup["main"], setup["images"]
     jpeg = images["a.jpg"]
@@ -296,6 +300,7 @@ def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
     assert_up(server)
 
 
+@pytest.mark.subprocess
 def test_api_key(setup):
     server, jpeg = setup["main"], setup["images"]["a.jpg"]
     raw = {"content": jpeg, "headers": {"Content-Type": "image/jpeg"}}
@@ -316,6 +321,7 @@ def test_api_key(setup):
     assert_up(server)  # /health needs no key: load balancers probe it
 
 
+@pytest.mark.subprocess
 def test_model_metrics_and_docs(setup):
     with client(setup["main"]) as c:
         info = c.get("/model").json()
@@ -350,6 +356,8 @@ def decoder_processes(pid) -> list:
     return found
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="finds the decoding processes in /proc")
 def test_a_dead_decoding_process_is_replaced(setup):
     """A decoder that crashes on a hostile file (here: killed) fails that attempt only:
@@ -365,6 +373,8 @@ def test_a_dead_decoding_process_is_replaced(setup):
     assert decoder_processes(server.proc.pid) not in ([], workers)
 
 
+@pytest.mark.subprocess
+@pytest.mark.slow
 def test_sigterm_during_a_burst_answers_every_accepted_request(setup):
     server, images = setup["burst"], setup["images"]
     names = list(images)
@@ -395,6 +405,7 @@ def test_sigterm_during_a_burst_answers_every_accepted_request(setup):
     assert "stopped by SIGTERM" in server.output()
 
 
+@pytest.mark.subprocess
 def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
@@ -420,6 +431,8 @@ def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
     taken.close()
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 def test_bench_quick(tmp_path):
     out = tmp_path / "serve_load.jsonl"
     proc = subprocess.run([sys.executable, "-m", "bench.serve_load", "--quick", "--out", str(out)], cwd=ROOT,
@@ -438,6 +451,7 @@ def test_bench_quick(tmp_path):
     assert "images/s" in proc.stdout
 
 
+@pytest.mark.subprocess
 def test_ctrl_c_exits_0(setup):
     """Last: it stops the main server."""
     server = setup["main"]

@@ -1,6 +1,8 @@
+import pytest
 from conftest import run_main, run_test, tiny_train_args
 
 
+@pytest.mark.slow
 def test_train_then_predict(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert run_main(tiny_train_args(demo_data, ckpt)) == 0

@@ -31,17 +31,18 @@ def test_two_epochs_write_checkpoints_metrics_and_events(demo_data, tmp_path):
     assert (ckpt / "snapshots" / "curves.png").exists()
     last = torch.load(ckpt / "last.pth", weights_only=True)
     assert last["epoch"] == 2 and last["model_args"]["base_model"] == "tiny_cnn"
-    assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "best_val_loss", "epochs_without_improvement",
+    assert set(last) >= {"model", "optimizer", "scheduler", "epoch", "best_value", "epochs_without_improvement",
                          "args", "model_args", "format_version"}
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in last["model"])
     # best.pth and the early-stopping state, from metrics.jsonl by hand: the last epoch that
     # beat every earlier val_emd, and the epochs since it.
     best_epoch = best_epochs[-1]
     assert torch.load(ckpt / "best.pth", weights_only=True)["epoch"] == best_epoch
-    assert last["best_val_loss"] == records[best_epoch - 1]["val_emd"]
+    assert last["best_value"] == records[best_epoch - 1]["val_emd"]
     assert last["epochs_without_improvement"] == 2 - best_epoch
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path):
     flags = ("--decay", "--lr_decay_freq", "1", "--lr_decay_rate", "0.7", "--seed", "3")
     straight, split = tmp_path / "straight", tmp_path / "split"
@@ -52,11 +53,11 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(demo_data, tmp_path)
     assert a["epoch"] == b["epoch"] == 3
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    assert a["scheduler"] == b["scheduler"] and a["best_val_loss"] == b["best_val_loss"]
+    assert a["scheduler"] == b["scheduler"] and a["best_value"] == b["best_value"]
     assert a["epochs_without_improvement"] == b["epochs_without_improvement"]
     # ... and both as counted by hand from the uninterrupted run's validation EMDs.
     emds = [r["val_emd"] for r in read_jsonl(straight / "metrics.jsonl")]
-    assert a["best_val_loss"] == min(emds)
+    assert a["best_value"] == min(emds)
     assert a["epochs_without_improvement"] == len(emds) - 1 - emds.index(min(emds))
     assert [r["epoch"] for r in read_jsonl(split / "metrics.jsonl")] == [1, 2, 3]
     assert [r["val_emd"] for r in read_jsonl(split / "metrics.jsonl")] == [r["val_emd"] for r in read_jsonl(straight / "metrics.jsonl")]
@@ -71,6 +72,7 @@ def test_warm_start_loads_epoch_checkpoint_and_counts_on(demo_data, tmp_path):
     assert torch.load(ckpt / "last.pth", weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_early_stopping_with_patience(demo_data, tmp_path):
     ckpt = tmp_path / "ckpt"
     # a zero learning rate on a network without batch norm never improves after epoch 1,
@@ -115,7 +117,7 @@ def test_defaults_follow_the_reference_readme():
     assert (args.conv_base_lr, args.dense_lr, args.train_batch_size, args.epochs, args.early_stopping_patience) == (3e-4, 3e-3, 128, 100, 10)
     assert args.pretrained == "imagenet"
     # The model flags are None until resolved (None: not typed); resolved, they are the reference's network.
-    from engine.run_setup import resolve_model_args
+    from engine.train.setup import resolve_model_args
     assert (args.base_model, args.head, args.dropout) == (None, None, None)
     assert resolve_model_args(args) == {"base_model": "vgg16", "num_classes": 10, "dropout": 0.75, "image_size": 224,
                                         "resize_size": 256, "normalize": "imagenet", "head": "reference"}

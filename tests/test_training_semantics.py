@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import run_main, tiny_train_args
+from conftest import hand_resize, run_main, tiny_train_args
 from dataset import train_transform
 from engine.runtime import Runtime
-from engine.training import EpochProgress, train_one_epoch
+from engine.train.epoch import EpochProgress, train_one_epoch
 from model import build_model, default_model_args
 from model.nima import NIMA
-from test_tta_crops import hand_resize
 
 
 def load(path):
@@ -98,6 +97,7 @@ def counters_by_hand(records, key="val_emd"):
     return out
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_early_stopping_counter(demo_data, tmp_path):
     # squeezenet1_1 has no batch norm, so with both learning rates 0 the weights and the
     # validation EMD never change: epoch 1 improves, every later epoch does not, and
@@ -124,7 +124,7 @@ def test_resume_keeps_the_early_stopping_counter(demo_data, tmp_path):
     assert [r["epoch"] for r in read_metrics(split)] == [1, 2, 3, 4]
     a, b = load(straight / "last.pth"), load(split / "last.pth")
     assert (b["epoch"], b["epochs_without_improvement"]) == (a["epoch"], a["epochs_without_improvement"]) == (4, 3)
-    assert b["best_val_loss"] == a["best_val_loss"] == records[0]["val_emd"]
+    assert b["best_value"] == a["best_value"] == records[0]["val_emd"]
 
 
 # --- 3. --conv_base_lr reaches the conv base, --dense_lr the head ----------------------------

@@ -8,45 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_test
+from conftest import hand_crops, run_test, tiny_checkpoint, to_input
 from dataset import TTACrops
 from model import build_model, default_model_args
-from test_scoring import tiny_checkpoint
-
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)  # torchvision's published statistics
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
-
-
-def hand_resize(img, shorter):
-    """torchvision's Resize(int) on a PIL image, by hand: the shorter side to `shorter`,
-    the longer one scaled and truncated, bilinear. An (H, W, 3) uint8 array."""
-    img = img.convert("RGB")
-    w, h = img.size
-    new = (shorter, int(shorter * h / w)) if w <= h else (int(shorter * w / h), shorter)
-    return np.asarray(img.resize(new, Image.BILINEAR) if new != img.size else img)
-
-
-def hand_crops(path, resize_size, size):
-    """The ten TTA crops of an image file, by hand: resized (hand_resize), then centre
-    (offsets rounded half to even, as torchvision's CenterCrop), top-left, top-right,
-    bottom-left, bottom-right, then each of the five mirrored left-right. (H, W, 3) uint8
-    arrays; the first is the evaluation crop."""
-    with Image.open(path) as img:
-        a = hand_resize(img, resize_size)
-    h, w = a.shape[:2]
-    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
-    five = [a[top:top + size, left:left + size], a[:size, :size], a[:size, w - size:],
-            a[h - size:, :size], a[h - size:, w - size:]]
-    return five + [c[:, ::-1] for c in five]
-
-
-def to_input(crop, normalize):
-    """ToTensor, then ImageNet's mean and std if asked: a (3, H, W) float tensor."""
-    x = crop.astype(np.float32) / 255.0
-    if normalize == "imagenet":
-        x = (x - IMAGENET_MEAN) / IMAGENET_STD
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
-
 
 @pytest.fixture(scope="module")
 def noise_images(tmp_path_factory):

@@ -26,7 +26,7 @@ import time
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size
 from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines
 from fileio import atomic_path, atomic_write_text
-from tools.parallel import parallel_map
+from engine.parallel import parallel_map
 
 
 def check_image(path, min_size=0, full_decode=True, max_pixels=None):

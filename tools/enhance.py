@@ -5,7 +5,7 @@
     python -m tools.enhance --model CKPT --image FOLDER --out DIR      (one subfolder per photo)
 
 Finds, by gradient ascent through the model, the global enhancement (brightness,
-contrast, saturation, gamma, sharpness, each within natural bounds: engine/enhance.py)
+contrast, saturation, gamma, sharpness, each within natural bounds: engine/explain/enhance.py)
 that maximises the predicted mean, and writes into DIR: enhanced.jpg (the photo at its
 full resolution with the settings applied), before_after.png (both with their predicted
 means) and enhance.json (settings, bounds, scores before and after, the ascent's
@@ -25,10 +25,10 @@ from tqdm import tqdm
 
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels, find_images, load_rgb
 from engine.distributed import pick_device
-from engine.enhance import PARAMS, apply_full, check_params, enhance, score_image, sweep
-from engine.enhance_pictures import plot_before_after, plot_sweep
+from engine.explain.enhance import PARAMS, apply_full, check_params, enhance, score_image, sweep
+from engine.explain.pictures import plot_before_after, plot_sweep
 from engine.flags import HelpFormatter
-from engine.pixels import safe_name
+from engine.explain.pixels import safe_name
 from fileio import OutputWriteError, atomic_path, atomic_write_json
 from model import CheckpointError, load_for_inference
 from model.checkpoint import NORMALIZE_CHOICES

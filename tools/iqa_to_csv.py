@@ -36,7 +36,7 @@ from dataset.labels import LabelFileError, parse_number, read_label_text, show_c
 from dataset.maxent import maxent_distributions
 from dataset.mos import std_to_bins, to_bins
 from fileio import OutputWriteError, atomic_write_text
-from tools.xlsx import xlsx_rows
+from dataset.xlsx import xlsx_rows
 
 SCALES = {"koniq10k": (1.0, 5.0), "spaq": (0.0, 100.0), "tid2013": (0.0, 9.0), "kadid10k": (1.0, 5.0), "clive": (0.0, 100.0)}
 SOURCES = {"koniq10k": "koniq10k_scores_and_distributions.csv", "spaq": "MOS and Image attribute scores.xlsx (or a CSV of it)",

@@ -29,7 +29,7 @@ from torchvision.transforms import functional as F
 
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb
 from fileio import OutputWriteError, atomic_path
-from tools.parallel import parallel_map
+from engine.parallel import parallel_map
 
 WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
 

@@ -23,11 +23,11 @@ from starlette.requests import ClientDisconnect
 
 from dataset.images import DEFAULT_MAX_PIXELS
 
-from .batcher import BatcherStopped, DynamicBatcher
-from .decoding import SHOWN_FORMATS, DecoderPool
-from .errors import ServiceError
-from .metrics import ServiceMetrics
-from .uploads import FIELD, BodyReader, read_uploads
+from serving.batcher import BatcherStopped, DynamicBatcher
+from serving.decoding import SHOWN_FORMATS, DecoderPool
+from serving.errors import ServiceError
+from serving.metrics import ServiceMetrics
+from serving.uploads import FIELD, BodyReader, read_uploads
 
 log = logging.getLogger("nima.serve")
 ROUTES = ("/score", "/health", "/model", "/metrics", "/docs", "/openapi.json")

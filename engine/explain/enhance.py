@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from dataset.transforms import eval_transform
 
-from .pixels import deterministic, image_to_tensor, pixel_crop, predicted_mean, tensor_to_image, to_network_input
+from engine.explain.pixels import deterministic, image_to_tensor, pixel_crop, predicted_mean, tensor_to_image, to_network_input
 
 PARAMS = {  # name: (lower bound, neutral, upper bound)
     "brightness": (0.6, 1.0, 1.5),

@@ -8,16 +8,13 @@ from tqdm import tqdm
 
 from model.loss import emd_per_sample
 
-from .distributed import all_reduce_sum
+from engine.distributed import all_reduce_sum
+from engine.score.inference import BadImageError
 
 LOG_EVERY_STEPS = 10
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
-
-
-class BadImageError(RuntimeError):
     pass
 
 

@@ -28,7 +28,7 @@ COLUMNS = ["ref", "source", "key", "order", "status", "text"] + [f"p{k}" for k i
 FORMAT_VERSION = 1
 
 
-class ResumeError(ValueError):
+class PartsResumeError(ValueError):
     """--resume over parts another run wrote (other model, inputs or preprocessing)."""
 
 
@@ -64,7 +64,7 @@ def read_part(path):
         reader = csv.reader(f)
         header = next(reader, None)
         if header != COLUMNS:
-            raise ResumeError(f"{path}: not a part file of this version (header {header!r}); remove {os.path.dirname(path)} "
+            raise PartsResumeError(f"{path}: not a part file of this version (header {header!r}); remove {os.path.dirname(path)} "
                               f"or score without --resume")
         for row in reader:
             ref, source, key, order, status, text = row[:6]
@@ -90,7 +90,7 @@ def run_record(model_path, model_args, sources, tta, max_pixels) -> dict:
 def prepare(folder, record: dict, resume: bool) -> str:
     """Make `folder` ready for this run's parts (rank 0, before any process writes one).
     A fresh run removes an earlier run's parts; a resume keeps them when their run.json
-    equals `record` and raises ResumeError, naming what differs, when not. Temporary
+    equals `record` and raises PartsResumeError, naming what differs, when not. Temporary
     files of writes a kill interrupted are removed. Returns a line for the terminal
     ('' when there is nothing to say)."""
     os.makedirs(folder, exist_ok=True)
@@ -105,7 +105,7 @@ def prepare(folder, record: dict, resume: bool) -> str:
         json_record = json.loads(json.dumps(record))  # tuples -> lists, as read back
         if old != json_record:
             differ = sorted(k for k in set(old) | set(json_record) if old.get(k) != json_record.get(k))
-            raise ResumeError(f"--resume: the parts in {folder} come from another run (different {', '.join(differ)}); "
+            raise PartsResumeError(f"--resume: the parts in {folder} come from another run (different {', '.join(differ)}); "
                               f"rerun with that run's flags and inputs, or without --resume to start over")
         note = f"resuming: {len(parts)} part file(s) in {folder} already scored; their images are skipped"
     else:

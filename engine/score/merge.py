@@ -1,5 +1,5 @@
-"""The end of a streaming scoring run: the part files (engine/parts.py) merged into the
-prediction files of engine/predictions.py (predictions.csv sorted by image id, or in the
+"""The end of a streaming scoring run: the part files (engine/score/parts.py) merged into the
+prediction files of engine/score/predictions.py (predictions.csv sorted by image id, or in the
 label CSV's order; each image once), predictions.parquet with --output_format parquet,
 and the pictures, drawn from predictions.csv as written. An earlier run's files in the
 folder are replaced only here, each atomically.
@@ -19,8 +19,8 @@ import numpy as np
 
 from fileio import atomic_path, write_or_remove
 
-from .parts import part_files, read_part
-from .predictions import print_report, write_predictions
+from engine.score.parts import part_files, read_part
+from engine.score.predictions import print_report, read_predictions, write_predictions
 
 PARQUET_HINT = "pip install pyarrow (or -r requirements-parquet.txt)"
 
@@ -171,8 +171,7 @@ def merge_and_report(folder, sources, out_dir, model_args, *, table=None, score_
     if write_or_remove(parquet_path, output_format == "parquet", lambda p: write_parquet(csv_path, p)):
         written.append("predictions.parquet")
     m.dists = true = None  # the pictures read what was written
-    from .explain_pictures import read_predictions
-    from .plots import write_result_pictures  # matplotlib: imported only when pictures are drawn
+    from engine.plots import write_result_pictures  # matplotlib: imported only when pictures are drawn
     rows = read_predictions(csv_path)
     gt = np.array([r["gt_mean"] for r in rows]) if metrics else None
     openers = Openers(m.refs, m.source, sources)

@@ -1,7 +1,7 @@
 """Scoring photos from Python (a notebook, a script): load a checkpoint once, then score
 PIL images or image files.
 
-    from engine.scorer import Scorer
+    from engine.score.scorer import Scorer
     scorer = Scorer.from_checkpoint("ckpts/best.pth")        # or the released VGG16 file
     s = scorer.score("photo.jpg")                            # Score(mean=5.41, std=1.52, distribution=[...])
     scores = scorer.score(["a.jpg", "b.png", Image.open("c.webp")])
@@ -21,12 +21,12 @@ from dataset.images import ImageReadError, check_max_pixels, load_rgb, upright_r
 from dataset.transforms import MAX_TTA
 from model import load_for_inference
 
-from .distributed import pick_device
-from .explain import explain_image
-from .inference import images_per_batch, inference_transform, predict
-from .loaders import default_batch_size
-from .metrics import mean_and_std
-from .runtime import Runtime, resolve_speed_flags
+from engine.distributed import pick_device
+from engine.explain.heatmaps import explain_image
+from engine.score.inference import images_per_batch, inference_transform, predict
+from engine.loaders import default_batch_size
+from engine.metrics import mean_and_std
+from engine.runtime import Runtime, resolve_speed_flags
 
 
 @dataclass
@@ -131,7 +131,7 @@ class Scorer:
         """(heat map, Score) of one image (a PIL image or a path): a float32 (height, width)
         array at the image's size in [-1, 1], > 0 where the photo raises the predicted mean
         and < 0 where it lowers it (Grad-CAM, or gradient x input for transformers: see
-        engine/explain.py), and the Score of the centre crop it explains (tta=1's)."""
+        engine/explain/heatmaps.py), and the Score of the centre crop it explains (tta=1's)."""
         heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device)
         means, stds = mean_and_std(dist[None])
         return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist])

@@ -10,7 +10,7 @@ from python_multipart.multipart import parse_options_header
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
-from .errors import ServiceError
+from serving.errors import ServiceError
 
 FIELD = "file"
 # Besides image/*: what generic HTTP clients send for bytes of unknown type.

@@ -13,9 +13,9 @@ from dataset.mos import check_score_range, clipped_note, read_mos_csv
 from model import build_model, default_model_args
 from model.nima import DEFAULT_BASE_MODEL, check_model_args
 
-from .checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
+from engine.train.checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
                           read_warm_start, restore, run_schedule)
-from .optim import build_optimizer, build_scheduler
+from engine.train.optim import build_optimizer, build_scheduler
 
 
 class UsageError(ValueError):

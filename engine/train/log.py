@@ -1,4 +1,4 @@
-"""What a training run writes as it goes, besides checkpoints (engine/checkpoints.py):
+"""What a training run writes as it goes, besides checkpoints (engine/train/checkpoints.py):
 the per-epoch metrics log, TensorBoard scalars and curves.png. Only rank 0 writes."""
 import json
 import math
@@ -6,8 +6,8 @@ import os
 
 from fileio import OutputWriteError, atomic_write_text
 
-from .checkpoints import signed
-from .plots import plot_curves
+from engine.train.checkpoints import signed
+from engine.plots import plot_curves
 
 
 class MetricsLog:

@@ -10,8 +10,8 @@ import numpy as np
 from dataset.mos import from_bins
 from fileio import atomic_write_json, atomic_write_text, write_or_remove
 
-from .inference import score_images
-from .metrics import compute_metrics, format_table, mean_and_std, score_metrics
+from engine.score.inference import score_images
+from engine.metrics import compute_metrics, format_table, mean_and_std, score_metrics
 
 
 def _fmt(x: float) -> str:
@@ -70,6 +70,13 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
     return metrics
 
 
+def read_predictions(path) -> list:
+    """predictions.csv rows as {'image_id', 'mean', 'gt_mean' (None without labels)}."""
+    with open(path, newline="", encoding="utf-8") as f:
+        return [{"image_id": r["image_id"], "mean": float(r["mean"]),
+                 "gt_mean": float(r["gt_mean"]) if r.get("gt_mean") else None} for r in csv.DictReader(f)]
+
+
 def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, workers, tta=1, ids=None,
                      contact_sheet=0, title=None, max_pixels=None, score_range=None) -> tuple:
     """The one scoring path of test.py and main.py --test: score every image of a label
@@ -89,7 +96,7 @@ def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, worke
     true = None if table.dists is None else np.asarray(table.dists)[indices]
     metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args, score_range)
     gt_mean = mean_and_std(true)[0] if metrics else None
-    from .plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
+    from engine.plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
     pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
                                      mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)
     print_report(out_dir, len(indices), len(ids), metrics, errors, warned, pictures, title)

@@ -26,7 +26,7 @@ from dataset import ImageDataset
 from dataset.labels import NUM_BINS
 from dataset.transforms import TTACrops, check_tta, eval_transform, tta_crops, uint8_to_input
 
-from .loaders import make_loader
+from engine.loaders import make_loader
 
 EXIF_ORIENTATION = 0x0112
 JPEG_START, JPEG_END = b"\xff\xd8\xff", b"\xff\xd9"

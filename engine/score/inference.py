@@ -7,10 +7,14 @@ from tqdm import tqdm
 from dataset import ImageDataset, ShardSampler, TTACrops, eval_transform
 from model.nima import NUM_BINS
 
-from .distributed import gather_objects
-from .loaders import make_loader
-from .metrics import compute_metrics
-from .training import BadImageError
+from engine.distributed import gather_objects
+from engine.loaders import make_loader
+from engine.metrics import compute_metrics
+
+
+class BadImageError(RuntimeError):
+    """An image that stops a run: unreadable under --strict_images, or a validation set
+    with no readable image."""
 
 
 def inference_transform(model_args, tta=1, uint8=False):
@@ -40,7 +44,7 @@ def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1, 
     all ranks' (sorted by index)."""
     sampler = ShardSampler(len(paths), rt.dist.world_size, rt.dist.rank)
     if rt.gpu_decode:
-        from .gpu_decode import device_decode_loader  # torchvision.io: only when asked for
+        from engine.score.gpu_decode import device_decode_loader  # torchvision.io: only when asked for
         loader = device_decode_loader(paths, model_args, rt, images_per_batch(batch_size, tta), workers, tta,
                                       sampler=sampler, max_pixels=max_pixels)
     else:

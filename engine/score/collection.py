@@ -1,6 +1,6 @@
 """Scoring a collection of any size (test.py): stream the images through the model, write
-the results to part files as they come (engine/parts.py), and merge the parts into the
-prediction files at the end (engine/merge.py).
+the results to part files as they come (engine/score/parts.py), and merge the parts into the
+prediction files at the end (engine/score/merge.py).
 
 Under torchrun every process scores its own share (dataset/stream.py) and writes its
 own parts; after a barrier rank 0 merges. A process that dies ends the job (torchrun
@@ -17,10 +17,10 @@ from dataset.sources import iter_entries
 from dataset.stream import CollectionDataset, count_items, rank_share
 from fileio import OutputWriteError, check_writable
 
-from .distributed import gather_objects
-from .inference import batch_distributions, images_per_batch, inference_transform
-from .loaders import default_workers, make_loader
-from .parts import ResumeError, done_refs, new_token, part_path, parts_dir, prepare, run_record, write_part
+from engine.distributed import gather_objects
+from engine.score.inference import batch_distributions, images_per_batch, inference_transform
+from engine.loaders import default_workers, make_loader
+from engine.score.parts import PartsResumeError, done_refs, new_token, part_path, parts_dir, prepare, run_record, write_part
 
 PART_SIZE = 5000       # images per part file (--part_size)
 FLUSH_SECONDS = 10.0   # a part is also written when its oldest result is this old: a kill loses little
@@ -73,7 +73,7 @@ def score_collection(model, model_args, sources, rt, out_dir, *, model_path, bat
                      max_pixels=None, resume=False, part_size=PART_SIZE, total=None) -> int:
     """Score every image of `sources` not already in a part (with `resume`) into part
     files under out_dir/parts. Returns how many results this process wrote. Raises
-    ResumeError or OutputWriteError (on every rank) when the parts folder cannot be
+    PartsResumeError or OutputWriteError (on every rank) when the parts folder cannot be
     used, before any image is read."""
     folder = parts_dir(out_dir)
     problem = note = ""
@@ -81,13 +81,13 @@ def score_collection(model, model_args, sources, rt, out_dir, *, model_path, bat
         try:
             check_writable(out_dir)
             note = prepare(folder, run_record(model_path, model_args, sources, tta, max_pixels), resume)
-        except (ResumeError, OutputWriteError) as exc:
+        except (PartsResumeError, OutputWriteError) as exc:
             problem = f"{type(exc).__name__}:{exc}"
     # Every process waits here for rank 0 to have cleared or checked the parts folder.
     problem = gather_objects(rt.dist, problem)[0]
     if problem:
         kind, _, text = problem.partition(":")
-        raise (ResumeError if kind == "ResumeError" else OutputWriteError)(text)
+        raise (PartsResumeError if kind == "PartsResumeError" else OutputWriteError)(text)
     if note and rt.dist.is_main:
         print(note)
     done = set()

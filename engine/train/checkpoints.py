@@ -15,8 +15,8 @@ import torch
 from model import CheckpointError, save_checkpoint, unwrap
 from model.checkpoint import read_checkpoint_file, read_model_state
 
-from .optim import describe_schedule, schedule_spec
-from .training import NonFiniteLossError
+from engine.train.optim import describe_schedule, schedule_spec
+from engine.train.epoch import NonFiniteLossError
 
 HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}
 LOWER_IS_BETTER = {"val_emd", "val_emd_r1", "val_mae_mean", "val_rmse_mean"}
@@ -40,18 +40,18 @@ class ResumeError(ValueError):
 @dataclass
 class RunState:
     epoch: int = 0                      # last completed epoch (1-based; 0 = none yet)
-    best_val_loss: float = math.inf     # best value of the monitored metric, sign-adjusted (lower is better)
+    best_value: float = None            # best value of the monitored metric so far (None: no epoch yet)
     epochs_without_improvement: int = 0
     partial_epoch: dict = None          # EpochProgress of an unfinished epoch (mid-epoch checkpoint)
 
     def improves(self, monitor: str, value: float) -> bool:
-        return math.isfinite(value) and signed(monitor, value) < self.best_val_loss
+        return math.isfinite(value) and (self.best_value is None or signed(monitor, value) < signed(monitor, self.best_value))
 
     def end_epoch(self, epoch: int, monitor: str, value: float) -> bool:
         """Record a completed epoch's monitored value; True when it is the best so far."""
         improved = self.improves(monitor, value)
         if improved:
-            self.best_val_loss, self.epochs_without_improvement = signed(monitor, value), 0
+            self.best_value, self.epochs_without_improvement = value, 0
         else:
             self.epochs_without_improvement += 1
         self.epoch, self.partial_epoch = epoch, None  # the epoch is whole now
@@ -117,7 +117,17 @@ def restore(ckpt: dict, model, optimizer, scheduler, rank: int = 0) -> RunState:
     if partial and rank != 0:
         # The saved loss sum and count are rank 0's: counted once (by rank 0), not once per rank.
         partial = dict(partial, loss_sum=0.0, loss_count=0)
-    return RunState(ckpt["epoch"], ckpt["best_val_loss"], ckpt["epochs_without_improvement"], partial)
+    return RunState(ckpt["epoch"], saved_best_value(ckpt), ckpt["epochs_without_improvement"], partial)
+
+
+def saved_best_value(ckpt: dict):
+    """The best monitored value a checkpoint records. Checkpoints before `best_value`
+    stored it sign-adjusted as `best_val_loss` (minus the value for metrics where higher
+    is better, inf before the first epoch)."""
+    if "best_value" in ckpt:
+        return ckpt["best_value"]
+    old = ckpt["best_val_loss"]
+    return None if not math.isfinite(old) else signed(ckpt.get("monitor") or ckpt.get("args", {}).get("monitor", "val_emd"), old)
 
 
 def read_warm_start(args):
@@ -165,7 +175,7 @@ class RunCheckpoints:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "schedule": run_schedule(self.args),
-                "epoch": state.epoch, "best_val_loss": state.best_val_loss,
+                "epoch": state.epoch, "best_value": state.best_value,
                 "epochs_without_improvement": state.epochs_without_improvement,
                 "partial_epoch": state.partial_epoch, "monitor": self.args.monitor,
                 "args": dict(vars(self.args)), "model_args": dict(self.model_args)}

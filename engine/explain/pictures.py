@@ -1,7 +1,9 @@
-"""test.py --explain: explain/<image_id>.png for the best and worst scored images of a
-run, each the photo beside its heat map (engine/explain.py) with the predicted mean
-(and the true one when the CSV has labels). Drawn headless (Agg), written atomically."""
-import csv
+"""The pictures of explanations and enhancements, drawn headless (Agg), written atomically:
+- test.py --explain: explain/<image_id>.png for the best and worst scored images of a
+  run, each the photo beside its heat map (heatmaps.py) with the predicted mean (and the
+  true one when the CSV has labels);
+- tools/enhance.py: before/after with both predicted means, and a parameter sweep as one
+  row of photos."""
 import os
 import sys
 
@@ -11,23 +13,14 @@ from tqdm import tqdm
 
 from dataset.images import ImageReadError, load_rgb
 
-from .explain import explain_image
-from .pixels import crop_box, safe_name
-from .plots import save_figure
+from engine.explain.heatmaps import explain_image
+from engine.explain.pixels import crop_box, safe_name
+from engine.plots import pyplot, save_figure
 
 EXPLAIN_DIR = "explain"
 FIGURE_INCHES = (8.0, 4.6)  # 800 x 460 px
 THUMB_PIXELS = 480           # longest side drawn: plenty for a 4-inch panel, keeps the PNG small
 HEAT_CMAP = "RdBu_r"         # red raises the predicted mean, blue lowers it
-
-
-def pyplot():
-    """pyplot on the headless Agg backend, imported when a picture is drawn (not when
-    test.py starts; engine/plots.py does the same)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def parse_explain(text):
@@ -51,13 +44,6 @@ def select_rows(rows, k):
     if k == "all" or 2 * k >= len(order):
         return order
     return order[:k] + order[-k:]
-
-
-def read_predictions(path) -> list:
-    """predictions.csv rows as {'image_id', 'mean', 'gt_mean' (None without labels)}."""
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{"image_id": r["image_id"], "mean": float(r["mean"]),
-                 "gt_mean": float(r["gt_mean"]) if r.get("gt_mean") else None} for r in csv.DictReader(f)]
 
 
 def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
@@ -88,13 +74,14 @@ def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
     save_figure(fig, path)
 
 
-def write_explanations(model, model_args, out_dir, paths_by_id: dict, k, device=None, max_pixels=None,
+def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, device=None, max_pixels=None,
                        show_progress=True) -> list:
-    """explain/<safe image id>.png in out_dir for the rows of out_dir/predictions.csv that
-    select_rows picks (k: count or 'all'); PNGs of an older run in explain/ are removed.
+    """explain/<safe image id>.png in out_dir for the rows (of predictions.csv:
+    read_predictions) that select_rows picks (k: count or 'all'); PNGs of an older run in
+    explain/ are removed.
     An image that cannot be read again (changed since it was scored) is reported and
     skipped. Returns the paths written."""
-    rows = select_rows(read_predictions(os.path.join(out_dir, "predictions.csv")), k)
+    rows = select_rows(rows, k)
     folder = os.path.join(out_dir, EXPLAIN_DIR)
     os.makedirs(folder, exist_ok=True)
     written, taken = [], set()
@@ -118,3 +105,45 @@ def write_explanations(model, model_args, out_dir, paths_by_id: dict, k, device=
         if name.endswith(".png") and name not in keep:
             os.remove(os.path.join(folder, name))
     return written
+
+
+PANEL_INCHES = (4.0, 3.6)      # one photo of before_after.png: 800 x 360 px in all
+SWEEP_TILE_INCHES = (2.0, 2.1)  # one photo of a sweep row
+
+
+def thumbnail(img: Image.Image, pixels: int = THUMB_PIXELS) -> Image.Image:
+    img = img.copy()
+    img.thumbnail((pixels, pixels), Image.Resampling.LANCZOS)
+    return img
+
+
+def _settings(values: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+
+
+def plot_before_after(before, after, score_before: float, score_after: float, values: dict, path,
+                      note: str = "") -> None:
+    """The photo and its enhancement side by side, each with its predicted mean; the
+    settings (and `note`, e.g. that nothing was changed) underneath. 800 x 360 px."""
+    fig, axes = pyplot().subplots(1, 2, figsize=(2 * PANEL_INCHES[0], PANEL_INCHES[1]))
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.12, top=0.9, wspace=0.05)
+    for ax, img, label in ((axes[0], before, f"before: {score_before:.2f}"), (axes[1], after, f"after: {score_after:.2f}")):
+        ax.imshow(thumbnail(img))
+        ax.set_title(label, fontsize=12)
+        ax.set_axis_off()
+    fig.text(0.5, 0.04, note or _settings(values), ha="center", fontsize=9)
+    save_figure(fig, path)
+
+
+def plot_sweep(images, values, scores, name: str, path, neutral: float) -> None:
+    """One row: the photo at each value of `name` (the neutral one marked), with the
+    predicted mean under each. (2 x steps) x 2.1 inches at the plots' DPI."""
+    n = len(images)
+    fig, axes = pyplot().subplots(1, n, figsize=(SWEEP_TILE_INCHES[0] * n, SWEEP_TILE_INCHES[1]), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.14, top=0.84, wspace=0.06)
+    for ax, img, v, s in zip(axes[0], images, values, scores):
+        ax.imshow(thumbnail(img, 300))
+        ax.set_axis_off()
+        ax.set_title(f"{name} {v:.2f}" + (" (as is)" if abs(v - neutral) < 1e-9 else ""), fontsize=9)
+        ax.text(0.5, -0.04, f"mean {s:.2f}", transform=ax.transAxes, ha="center", va="top", fontsize=11)
+    save_figure(fig, path)

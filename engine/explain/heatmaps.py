@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .pixels import crop_map_to_image, deterministic, pixel_crop, predicted_mean, to_network_input
+from engine.explain.pixels import crop_map_to_image, deterministic, pixel_crop, predicted_mean, to_network_input
 
 TRANSFORMER_PREFIXES = ("vit_", "swin_", "maxvit_")
 METHODS = ("auto", "grad-cam", "gradient-x-input")
