@@ -6,6 +6,10 @@ the generated files match both: the demo data's procedural scene (gradient sky,
 shapes, thin lines) with a grain of Gaussian noise strong enough to bring a 640x430
 file to about 100 KB.
 """
+if not __package__:  # run by path: this module has no command of its own
+    import _by_path
+    _by_path.refuse_library(__file__)
+
 import os
 
 import numpy as np

@@ -14,6 +14,10 @@ For each backbone (with the NIMA head, at its default input size, random weights
 The median makes the speed robust to other work on a shared machine; the hardware line
 printed first says what it was measured on.
 """
+if not __package__:  # run by path (python bench/backbones.py): run as python -m bench.backbones
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import json
 import os

@@ -24,6 +24,10 @@ applies to the device; "reference" runs bench/reference_loop.py. The JPEGs are
 generated AVA-like files (bench/ava_like.py) and their cache is made by
 tools/resize_images.py. Every line names the hardware it was measured on.
 """
+if not __package__:  # run by path (python bench/bench.py): run as python -m bench.bench
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import contextlib
 import json

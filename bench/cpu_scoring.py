@@ -9,6 +9,10 @@ The model is VGG16 in the reference's released format (random weights: speed doe
 depend on them); the photos are AVA-like 640x427 JPEGs. Also printed: the bare
 `import torch, torchvision` time, the floor of any PyTorch scoring process.
 """
+if not __package__:  # run by path (python bench/cpu_scoring.py): run as python -m bench.cpu_scoring
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import json
 import os
@@ -83,7 +87,7 @@ def prepare(folder, sizes) -> tuple:
     return ckpt, dirs
 
 
-def main(argv=None) -> int:
+def get_args_parser():
     p = argparse.ArgumentParser(description="test.py vs a reference-style per-image loop, on the CPU.", allow_abbrev=False)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 256], help="numbers of photos")
     p.add_argument("--repeats", type=int, default=3, help="paired runs per size (medians reported)")
@@ -91,7 +95,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also append one JSON line per size to this file")
     p.add_argument("--quick", action="store_true", help="1 photo, one repeat: a smoke run")
     p.add_argument("--test_args", nargs=argparse.REMAINDER, default=[], help="extra test.py flags (last on the line)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     if args.quick:
         args.sizes, args.repeats = [1], 1
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,5 +1,9 @@
 """The benchmark's figures: each method measures one group, reference first, and emits
 one record per variant (see bench/bench.py for what each group means)."""
+if not __package__:  # run by path: this module has no command of its own
+    import _by_path
+    _by_path.refuse_library(__file__)
+
 import gc
 import itertools
 import time

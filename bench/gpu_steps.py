@@ -20,6 +20,10 @@ line, each with the step from $GPU_CHECK_STEP); see bench/GPU.md.
     python -m bench.gpu_steps profile DIR [--steps 10]
     python -m bench.gpu_steps summary JSONL
 """
+if not __package__:  # run by path (python bench/gpu_steps.py): run as python -m bench.gpu_steps
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import csv
 import json

@@ -9,6 +9,12 @@ in Python. They run OUR network (model.build_model) on the same device, so the g
 show is what the loss, the step and the data path cost, not a different model.
 Nothing outside bench/ uses them.
 """
+if not __package__:  # run by path (python bench/reference_loop.py): run as python -m bench.reference_loop
+    import _by_path
+    _by_path.run_as_module(__file__)
+
+import argparse
+
 import torch
 
 from dataset import eval_transform, load_rgb
@@ -93,6 +99,14 @@ class ReferenceNIMA(torch.nn.Module):
         return self.classifier(out.view(out.size(0), -1))
 
 
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Reference-style per-image scoring (a benchmark baseline).", allow_abbrev=False)
+    p.add_argument("--model", required=True, help="released-format VGG16 state_dict")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--out", required=True, help="pred.txt to write")
+    return p
+
+
 def main(argv=None) -> int:
     """A reference-style scoring process, for bench/cpu_scoring.py to time against test.py:
     build the whole torchvision VGG16 (as the reference did, then keep its features), load
@@ -100,18 +114,13 @@ def main(argv=None) -> int:
 
         python -m bench.reference_loop --model epoch-82.pth --images FOLDER --out pred.txt
     """
-    import argparse
     import os
 
     import torchvision
     from PIL import Image
     from torchvision import transforms as T
 
-    p = argparse.ArgumentParser(description="Reference-style per-image scoring (a benchmark baseline).", allow_abbrev=False)
-    p.add_argument("--model", required=True, help="released-format VGG16 state_dict")
-    p.add_argument("--images", required=True, help="folder of images")
-    p.add_argument("--out", required=True, help="pred.txt to write")
-    args = p.parse_args(argv)
+    args = get_args_parser().parse_args(argv)
     model = ReferenceNIMA(torchvision.models.vgg16())
     model.load_state_dict(torch.load(args.model, map_location="cpu", weights_only=True))
     model.eval()

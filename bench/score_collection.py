@@ -17,6 +17,10 @@ default of one thread per core beside a loader worker, a 2-core machine shared w
 other jobs measured anywhere from 1.2x to 5x slower than with one thread: the idle
 OpenMP threads spin and starve the decoding worker.)
 """
+if not __package__:  # run by path (python bench/score_collection.py): run as python -m bench.score_collection
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import os
 import shutil
@@ -89,7 +93,7 @@ def prepare(folder, n, shard_size, pool_size=POOL) -> tuple:
     return ckpt, images, os.path.join(shards, "{" + f"{0:06d}..{count - 1:06d}" + "}.tar"), count
 
 
-def main(argv=None) -> int:
+def get_args_parser():
     p = argparse.ArgumentParser(description="test.py on a collection: folder vs shards, 1 vs 2 processes.",
                                 allow_abbrev=False)
     p.add_argument("--images", type=int, default=20000, help="number of cached JPEGs")
@@ -100,7 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="also append one JSON line per run to this file")
     p.add_argument("--quick", action="store_true",
                    help="300 images (4 distinct) in shards of 100, the folder with 1 process and the shards with 2: a smoke run")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     if args.quick:
         args.images, args.shard_size = 300, 100
     if args.threads > 0:  # inherited by every command below (torchrun keeps a value it is given)

@@ -18,6 +18,10 @@ ratio_to_direct = service images/s / direct images/s. The clients run on the sam
 machine and take CPU from the service: on a small machine the figures are a floor.
 Prints one JSON line per figure, then a table; every line names the hardware.
 """
+if not __package__:  # run by path (python bench/serve_load.py): run as python -m bench.serve_load
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import asyncio
 import json

@@ -1,5 +1,9 @@
 """Timing helpers for the benchmark: device synchronisation, and a batch iterable that
 records how long the training loop waited for each batch (loader wait)."""
+if not __package__:  # run by path: this module has no command of its own
+    import _by_path
+    _by_path.refuse_library(__file__)
+
 import time
 
 import torch

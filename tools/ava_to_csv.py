@@ -18,6 +18,10 @@ Readability: by default a cheap check (file not empty, header parses, Image.veri
 Exit codes: 0 splits written (rejected entries are listed, not a failure);
 2 malformed AVA.txt (every bad line reported) or bad usage.
 """
+if not __package__:  # run by path (python tools/ava_to_csv.py): run as python -m tools.ava_to_csv
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import csv
 import io

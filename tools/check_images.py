@@ -12,6 +12,10 @@ bad_images.csv without --csv) has one `path,reason` row per bad image. Both go i
 --out: by default the CSV's folder, or the current folder without --csv.
 Exit codes: 0 all images good; 1 some bad (report and cleaned CSV written); 2 bad usage.
 """
+if not __package__:  # run by path (python tools/check_images.py): run as python -m tools.check_images
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import collections
 import csv

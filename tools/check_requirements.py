@@ -5,6 +5,11 @@ this check takes ~1 s).
 
     python tools/check_requirements.py requirements.txt [requirements-test.txt ...]
 """
+if not __package__:  # run by path (python tools/check_requirements.py): run as python -m tools.check_requirements
+    import _by_path
+    _by_path.run_as_module(__file__)
+
+import argparse
 import sys
 from importlib import metadata
 
@@ -36,10 +41,25 @@ def missing_requirements(path) -> list:
     return missing
 
 
-def main(paths) -> int:
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Exit 0 when every requirement of the files is installed at an allowed "
+                                            "version; otherwise list what is missing and exit 1 (make then runs pip). "
+                                            "Exit 2 for a requirements file that cannot be read.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p.add_argument("paths", nargs="*", default=["requirements.txt"], metavar="REQUIREMENTS",
+                   help="requirements files (one requirement per line, # comments)")
+    return p
+
+
+def main(argv=None) -> int:
+    paths = get_args_parser().parse_args(argv).paths
     code = 0
     for path in paths:
-        missing = missing_requirements(path)
+        try:
+            missing = missing_requirements(path)
+        except OSError as exc:
+            print(f"error: requirements file {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         if missing:
             code = 1
             print(f"{path}: installing what is missing:")
@@ -49,4 +69,4 @@ def main(paths) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["requirements.txt"]))
+    sys.exit(main())

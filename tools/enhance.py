@@ -17,6 +17,10 @@ mean, and sweep_<PARAM>.json.
 Exit codes: 0 all photos done; 1 some could not be read or written (the rest written);
 2 bad usage or an unreadable checkpoint.
 """
+if not __package__:  # run by path (python tools/enhance.py): run as python -m tools.enhance
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import os
 import sys

@@ -16,6 +16,10 @@ Exit codes: 0 exported; 1 the export failed or disagrees with PyTorch (nothing w
 2 bad usage, unreadable checkpoint, or onnx/onnxruntime missing (the pip command is
 printed).
 """
+if not __package__:  # run by path (python tools/export.py): run as python -m tools.export
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import importlib.util
 import os

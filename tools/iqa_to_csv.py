@@ -22,6 +22,10 @@ TID2013 and KADID-10k, whose images are distortions of a few reference photos, a
 versions of one photo go to the same split, so no test photo was seen in training.
 Exit codes: 0 written; 2 bad usage or a malformed file (every problem listed).
 """
+if not __package__:  # run by path (python tools/iqa_to_csv.py): run as python -m tools.iqa_to_csv
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import csv
 import io

@@ -4,6 +4,10 @@ reference format (id, then vote counts for ratings 1..10; no header).
 
     python -m tools.make_demo_data --out data/demo --num_images 600
 """
+if not __package__:  # run by path (python tools/make_demo_data.py): run as python -m tools.make_demo_data
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import csv
 import os
@@ -58,14 +62,18 @@ def write_csv(path, rows) -> None:
         csv.writer(f).writerows(rows)
 
 
-def main(argv=None) -> int:
+def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/demo", help="output folder (images/ and three CSVs)")
     p.add_argument("--num_images", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val_fraction", type=float, default=0.15)
     p.add_argument("--test_fraction", type=float, default=0.15)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     rng = np.random.default_rng(args.seed)
     img_dir = os.path.join(args.out, "images")
     os.makedirs(img_dir, exist_ok=True)

@@ -17,6 +17,10 @@ renamed: a shard is complete or absent.
 Exit codes: 0 all packed; 1 some files could not be read (listed, the rest packed);
 2 bad usage (an --out that already holds shards needs --overwrite).
 """
+if not __package__:  # run by path (python tools/make_shards.py): run as python -m tools.make_shards
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import io
 import os

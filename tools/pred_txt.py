@@ -5,6 +5,10 @@ the paper's metrics on its means when it carries the ground truth (`| GT: G`).
 
 Exit codes: 0 done; 2 unreadable file (the message names the first bad line).
 """
+if not __package__:  # run by path (python tools/pred_txt.py): run as python -m tools.pred_txt
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import re
 import sys
@@ -53,10 +57,14 @@ def read_pred_txt(path) -> PredTxt:
 
 
 
-def main(argv=None) -> int:
+def get_args_parser():
     p = argparse.ArgumentParser(description="Metrics of a pred.txt file that carries the ground truth.", allow_abbrev=False)
     p.add_argument("path", help="a pred.txt: '<id> mean: M | std: S | GT: G' per line")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = get_args_parser().parse_args(argv)
     try:
         preds = read_pred_txt(args.path)
     except (OSError, UnicodeDecodeError, ValueError) as exc:

@@ -19,6 +19,10 @@ run never leaves a half-written image (its hidden *.tmp leftovers are removed on
 next run). Exit codes: 0 all done; 1 some images unreadable (listed, the rest written);
 2 bad usage.
 """
+if not __package__:  # run by path (python tools/resize_images.py): run as python -m tools.resize_images
+    import _by_path
+    _by_path.run_as_module(__file__)
+
 import argparse
 import os
 import sys
