@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels, find_images, load_rgb
 from engine.distributed import pick_device
-from engine.explain.enhance import PARAMS, apply_full, check_params, enhance, score_image, sweep
+from engine.explain.enhance import PARAMS, check_params, enhance_photo, sweep
 from engine.explain.pictures import plot_before_after, plot_sweep
 from engine.flags import HelpFormatter
 from engine.explain.pixels import safe_name
@@ -89,38 +89,23 @@ def check_args(args) -> tuple:
     return names, steps, jobs
 
 
-def save_jpeg(img, path, quality: int) -> None:
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="JPEG", quality=quality)
-
-
 def enhance_one(model, model_args, rgb, photo, out, names, steps, args, device) -> str:
     """enhanced.jpg, before_after.png and enhance.json for one photo; returns a summary line."""
-    found = enhance(model, model_args, rgb, names, steps, args.lr, device)
-    before = score_image(model, model_args, rgb, device)
-    result = apply_full(rgb, found["values"], model_args, device) if found["raised"] else rgb
+    done = enhance_photo(model, model_args, rgb, names, steps, args.lr, device, args.quality)
+    found, before, after, raised, values = done["found"], done["before"], done["after"], done["raised"], done["values"]
     target = os.path.join(out, "enhanced.jpg")
-    save_jpeg(result, target, args.quality)
-    after = score_image(model, model_args, load_rgb(target), device)  # what the file on disk scores
-    note = ""
-    if not found["raised"]:
-        note = "the predicted mean cannot be raised within the bounds: the photo is left unchanged"
-    elif after <= before:  # the model-resolution gain did not survive full resolution and JPEG
-        note = (f"the settings found raised the crop's score, but not the full photo's ({before:.3f} -> {after:.3f}): "
-                f"the photo is left unchanged")
-        save_jpeg(rgb, target, args.quality)
-        after = score_image(model, model_args, load_rgb(target), device)
-    raised = not note
-    values = found["values"] if raised else {n: PARAMS[n][1] for n in names}
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(done["jpeg"])
     atomic_write_json(os.path.join(out, "enhance.json"), {
         "image": os.path.abspath(photo), "model": os.path.abspath(args.model), "size": list(rgb.size),
-        "raised": raised, "note": note, "params": values, "found": found["values"],
+        "raised": raised, "note": done["note"], "params": values, "found": found["values"],
         "bounds": {n: {"lower": PARAMS[n][0], "neutral": PARAMS[n][1], "upper": PARAMS[n][2]} for n in names},
         "score_before": before, "score_after": after, "steps": steps, "lr": args.lr, "best_step": found["best_step"],
         "history": found["history"]})
-    plot_before_after(rgb, load_rgb(target), before, after, values, os.path.join(out, "before_after.png"), note)
+    plot_before_after(rgb, load_rgb(target), before, after, values, os.path.join(out, "before_after.png"), done["note"])
     settings = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
-    return f"{photo}: {before:.3f} -> {after:.3f} " + (f"({settings})" if raised else f"({note})")
+    return f"{photo}: {before:.3f} -> {after:.3f} " + (f"({settings})" if raised else f"({done['note']})")
 
 
 def sweep_one(model, model_args, rgb, photo, out, steps, args, device) -> str:

@@ -25,12 +25,14 @@ pixel of the model's input, i.e. resize_size / shorter side of the photo at full
 The scores reported are the model's on the written images, through the usual resize
 and centre crop, not the optimiser's own.
 """
+import io
 import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dataset.images import load_rgb
 from dataset.transforms import eval_transform
 
 from engine.explain.pixels import deterministic, image_to_tensor, pixel_crop, predicted_mean, tensor_to_image, to_network_input
@@ -163,6 +165,39 @@ def enhance(model, model_args, rgb, names, steps: int, lr: float, device) -> dic
     if not raised:
         best_step, best_values = 0, {n: PARAMS[n][1] for n in names}
     return {"values": best_values, "history": history, "best_step": best_step, "raised": raised}
+
+
+def jpeg_bytes(img, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def enhance_photo(model, model_args, rgb, names, steps: int, lr: float, device, quality: int = 95) -> dict:
+    """The whole application for one photo, as tools.enhance and the service's /enhance
+    give it: the ascent (enhance), the settings applied at full size, written as a JPEG
+    of `quality`, and both predicted means, the after one of that JPEG decoded again
+    (what a person downloads). When the settings found do not raise the JPEG's score
+    (the crop's gain did not survive full resolution and compression), or nothing could
+    be raised, the photo is given back unchanged and `note` says why. Returns {'jpeg':
+    bytes, 'before', 'after', 'raised', 'note', 'values' (the settings applied: neutral
+    ones when unchanged), 'found' (enhance's own result)}."""
+    found = enhance(model, model_args, rgb, names, steps, lr, device)
+    before = score_image(model, model_args, rgb, device)
+    result = apply_full(rgb, found["values"], model_args, device) if found["raised"] else rgb
+    data = jpeg_bytes(result, quality)
+    after = score_image(model, model_args, load_rgb(io.BytesIO(data)), device)
+    note = ""
+    if not found["raised"]:
+        note = "the predicted mean cannot be raised within the bounds: the photo is left unchanged"
+    elif after <= before:
+        note = (f"the settings found raised the crop's score, but not the full photo's ({before:.3f} -> {after:.3f}): "
+                f"the photo is left unchanged")
+        data = jpeg_bytes(rgb, quality)
+        after = score_image(model, model_args, load_rgb(io.BytesIO(data)), device)
+    raised = not note
+    return {"jpeg": data, "before": before, "after": after, "raised": raised, "note": note,
+            "values": found["values"] if raised else {n: PARAMS[n][1] for n in names}, "found": found}
 
 
 @torch.no_grad()
