@@ -2,22 +2,26 @@
 the dynamic batcher.
 
     POST /score    images (multipart fields `file`, or one raw image body) -> scores
+    POST /explain  the same uploads -> heat maps (serving/explain.py)
+    POST /enhance  the same uploads -> enhanced photos and a parameter sweep
     GET  /health   liveness, never touches the model
     GET  /model    the checkpoint, model_args, device, preprocessing and limits
     GET  /metrics  Prometheus text format
-    GET  /docs     OpenAPI docs (FastAPI's)
+    GET  /docs     OpenAPI docs (FastAPI's Swagger UI, its assets served from here)
+    GET  /         the web page (serving/pages.py, serving/static/)
 """
 import asyncio
 import hmac
 import logging
 import time
 from contextlib import asynccontextmanager
+from functools import partial
 from dataclasses import dataclass
-from typing import List, Optional, Union
+from typing import Optional
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -26,11 +30,16 @@ from dataset.images import DEFAULT_MAX_PIXELS
 from serving.batcher import BatcherStopped, DynamicBatcher
 from serving.decoding import SHOWN_FORMATS, DecoderPool
 from serving.errors import ServiceError
+from serving.explain import enhance_one, enhance_options, explain_one, explain_options
 from serving.metrics import ServiceMetrics
-from serving.uploads import FIELD, BodyReader, read_uploads
+from serving.openapi import (ENHANCE_PARAMETERS, ERROR_ANSWERS, EXPLAIN_PARAMETERS, KEY_SCHEMES, SCORE_BODY, EnhanceAnswer,
+                             ExplainAnswer, ScoreAnswer)
+from serving.pages import STATIC_PREFIX, add_pages
+from serving.uploads import BodyReader, read_uploads
 
 log = logging.getLogger("nima.serve")
-ROUTES = ("/score", "/health", "/model", "/metrics", "/docs", "/openapi.json")
+ROUTES = ("/score", "/explain", "/enhance", "/health", "/model", "/metrics", "/docs", "/openapi.json", "/",
+          "/favicon.ico")
 
 
 @dataclass
@@ -49,41 +58,6 @@ class ServeConfig:
         return int(self.max_body_mb * 1024 * 1024)
 
 
-# Answer shapes, for the OpenAPI docs (the route builds the JSON itself).
-class ImageScore(BaseModel):
-    filename: Optional[str]
-    mean: float
-    std: float
-    distribution: List[float]
-
-
-class ImageError(BaseModel):
-    filename: Optional[str]
-    error: str
-
-
-class ScoreAnswer(BaseModel):
-    model: dict
-    results: List[Union[ImageScore, ImageError]]
-
-
-class ErrorAnswer(BaseModel):
-    error: str
-    detail: str
-
-
-SCORE_BODY = {"requestBody": {"required": True, "content": {
-    "multipart/form-data": {"schema": {"type": "object", "required": [FIELD], "properties": {
-        FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
-                "description": "one or more images (repeat the field)"}}}},
-    "image/*": {"schema": {"type": "string", "format": "binary"}, "description": "one image as the raw body"}}}}
-ERROR_ANSWERS = {code: {"model": ErrorAnswer, "description": text} for code, text in (
-    (400, "empty body, malformed multipart, no field named file"), (401, "missing or wrong API key"),
-    (413, "body over --max_body_mb, or more than --max_files parts"), (415, "not multipart and not an image type"),
-    (422, "the only image (or every image) could not be scored; the answer also lists them under results"),
-    (503, "the service is shutting down"))}
-
-
 class _CountRequests:
     """ASGI middleware: nima_http_requests{route, status} for every answer, including the
     ones FastAPI gives before a route runs (404, 405)."""
@@ -94,7 +68,8 @@ class _CountRequests:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        route = scope["path"] if scope["path"] in ROUTES else "other"  # bounded label values
+        path = scope["path"]  # bounded label values:
+        route = path if path in ROUTES else STATIC_PREFIX if path.startswith(STATIC_PREFIX + "/") else "other"
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
@@ -174,15 +149,38 @@ class ScoringService:
             raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
         return {"filename": upload.filename, "mean": s.mean, "std": s.std, "distribution": s.distribution}, ""
 
+    async def read_photo(self, upload, max_side: int) -> tuple:
+        """(upright RGB image at most max_side long, '', '') or (None, error kind, reason),
+        after the same checks as /score's decoding."""
+        if upload.error_kind:
+            return None, upload.error_kind, upload.error
+        return await self.decoder.decode_rgb(upload.data, max_side)
+
+    async def on_model(self, work, *args):
+        """work(*args) on the model thread, in turn with the batches (DynamicBatcher.run_alone)."""
+        try:
+            return await self.batcher.run_alone(work, *args)
+        except BatcherStopped as exc:
+            raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
+
     async def score(self, request: Request) -> dict:
+        return await self.handle(request, self._score_one)
+
+    async def handle(self, request: Request, one, options=None) -> dict:
+        """The path every image route takes: the API key, the query's options (options(query)
+        -> dict, or ServiceError 400), the uploads within the limits, then one(upload[,
+        options]) -> (entry, error kind or '') for each, concurrently, answered in request
+        order; 422 when no image could be done."""
         body = BodyReader(request, self.config.max_body_bytes, f"--max_body_mb {self.config.max_body_mb:g}")
         try:
             self.check_key(request)
+            if options is not None:
+                one = partial(one, options=options(request.query_params))
             uploads = await read_uploads(request, body, self.config.max_files)
         except ServiceError:
             await body.discard_rest()
             raise
-        pairs = await asyncio.gather(*(self._score_one(u) for u in uploads))
+        pairs = await asyncio.gather(*(one(u) for u in uploads))
         results = [entry for entry, _ in pairs]
         kinds = [kind for _, kind in pairs if kind]
         for kind in kinds:
@@ -210,8 +208,12 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
             # uvicorn has answered every accepted request by now (graceful shutdown).
             await service.stop()
 
-    app = FastAPI(title="NIMA scoring service", lifespan=lifespan,
-                  description="Aesthetic score distributions (ratings 1..10) of photos, from a NIMA checkpoint.")
+    # FastAPIOffline: FastAPI whose /docs and /redoc load their scripts from this service
+    # (fastapi-offline ships them), not from a CDN, so the docs work without internet.
+    app = FastAPIOffline(title="NIMA scoring service", lifespan=lifespan, static_url="/docs-assets",
+                         favicon_url="/favicon.ico",
+                         description="Aesthetic score distributions (ratings 1..10) of photos, from a NIMA checkpoint. "
+                                     "The web page is at /.")
     app.state.service = service
     app.add_middleware(_CountRequests, metrics=service.metrics)
 
@@ -224,8 +226,8 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        detail = (f"{request.method} {request.url.path}: {exc.detail}; the routes are POST /score, GET /health, "
-                  "GET /model, GET /metrics, GET /docs")
+        detail = (f"{request.method} {request.url.path}: {exc.detail}; the routes are POST /score, POST /explain, "
+                  "POST /enhance, GET /health, GET /model, GET /metrics, GET /docs, GET / (the web page)")
         service.metrics.errors.labels(kind).inc()
         return JSONResponse({"error": kind, "detail": detail}, status_code=exc.status_code, headers=exc.headers)
 
@@ -241,17 +243,18 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/model", summary="The checkpoint, model_args, device, preprocessing and limits",
-             responses={401: ERROR_ANSWERS[401]})
+             responses={401: ERROR_ANSWERS[401]}, dependencies=KEY_SCHEMES)
     async def model(request: Request):
         service.check_key(request)
         return service.model_info()
 
-    @app.get("/metrics", summary="Prometheus metrics (text format)", responses={401: ERROR_ANSWERS[401]})
+    @app.get("/metrics", summary="Prometheus metrics (text format)", responses={401: ERROR_ANSWERS[401]},
+             dependencies=KEY_SCHEMES)
     async def metrics(request: Request):
         service.check_key(request)
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    @app.post("/score", summary="Score one or more images", openapi_extra=SCORE_BODY,
+    @app.post("/score", summary="Score one or more images", openapi_extra=SCORE_BODY, dependencies=KEY_SCHEMES,
               responses={200: {"model": ScoreAnswer, "description": "results in request order"}, **ERROR_ANSWERS})
     async def score(request: Request):
         service.metrics.in_progress.inc()
@@ -264,4 +267,23 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
             service.metrics.in_progress.dec()
             service.metrics.latency.observe(time.perf_counter() - started)
 
+    @app.post("/explain", summary="Heat maps: where each image raises (red) or lowers (blue) its predicted mean",
+              openapi_extra={**SCORE_BODY, "parameters": EXPLAIN_PARAMETERS}, dependencies=KEY_SCHEMES,
+              responses={200: {"model": ExplainAnswer, "description": "results in request order"}, **ERROR_ANSWERS})
+    async def explain(request: Request):
+        try:
+            return await service.handle(request, partial(explain_one, service), explain_options)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    @app.post("/enhance", summary="The global enhancement that raises each image's predicted mean, and a sweep",
+              openapi_extra={**SCORE_BODY, "parameters": ENHANCE_PARAMETERS}, dependencies=KEY_SCHEMES,
+              responses={200: {"model": EnhanceAnswer, "description": "results in request order"}, **ERROR_ANSWERS})
+    async def enhance(request: Request):
+        try:
+            return await service.handle(request, partial(enhance_one, service), enhance_options)
+        except ClientDisconnect:
+            return Response(status_code=499)
+
+    add_pages(app)
     return app

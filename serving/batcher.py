@@ -4,7 +4,8 @@ arrived, whichever comes first.
 
 The model runs in one dedicated thread, so the event loop keeps accepting and parsing
 requests while a batch is in the network; inputs that arrive meanwhile form the next
-batch, which starts as soon as the network is free (their wait is already over).
+batch, which starts as soon as the network is free (their wait is already over). Other
+work on the model (heat maps, enhancements: run_alone) takes its turn in the same thread.
 """
 import asyncio
 import time
@@ -58,6 +59,14 @@ class DynamicBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future, time.monotonic()))
         return await future
+
+    async def run_alone(self, work, *args):
+        """work(*args) on the model thread, in turn with the batches (the thread runs one
+        thing at a time, in the order given): for the heat maps and enhancements, whose
+        gradients and forward hooks must not meet another forward pass. Returns its result."""
+        if self._task is None or self._stopping:
+            raise BatcherStopped("the model is not running (the service is starting or shutting down)")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, *args)
 
     async def _next_batch(self, first) -> tuple:
         """(batch, stop seen) starting with `first`, filled from the queue until it holds

@@ -1,5 +1,6 @@
 """Image bytes -> the network's input, in a pool of worker processes, exactly as test.py
-decodes and transforms files (dataset.images.load_rgb, then the Scorer's transform).
+decodes and transforms files (dataset.images.load_rgb, then the Scorer's transform); for
+/explain and /enhance, the upright RGB photo itself, after the same checks.
 
 Processes, not threads: load_rgb catches each image's decoder warnings with
 warnings.catch_warnings, which changes interpreter-wide state and is not thread-safe;
@@ -14,6 +15,7 @@ import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -45,9 +47,9 @@ def _ready() -> bool:
     return bool(_worker)
 
 
-def decode_in_worker(data: bytes) -> tuple:
-    """(input as a numpy array, '', '') or (None, error kind, reason). Errors are returned,
-    not raised, so that nothing but plain values crosses the process boundary."""
+def _read_checked(data: bytes) -> tuple:
+    """(upright RGB image, '', '') or (None, error kind, reason): the format, pixel and
+    resize checks every route applies before using an upload."""
     if not data:
         return None, "unreadable_image", "empty file (0 bytes)"
     try:
@@ -64,10 +66,32 @@ def decode_in_worker(data: bytes) -> tuple:
     except ImageReadError as exc:
         text = str(exc)
         return None, ("image_too_large" if "max_image_pixels" in text else "unreadable_image"), text
+    return rgb, "", ""
+
+
+def decode_in_worker(data: bytes) -> tuple:
+    """(input as a numpy array, '', '') or (None, error kind, reason). Errors are returned,
+    not raised, so that nothing but plain values crosses the process boundary."""
+    rgb, kind, reason = _read_checked(data)
+    if rgb is None:
+        return None, kind, reason
     try:
         return _worker["transform"](rgb).numpy(), "", ""
     except Exception as exc:  # noqa: BLE001 - the transforms on an odd image: that image's error
         return None, "unreadable_image", f"cannot transform: {type(exc).__name__}: {exc}"[:200]
+
+
+def decode_rgb_in_worker(data: bytes, max_side: int) -> tuple:
+    """(upright RGB pixels as a (height, width, 3) uint8 array, '', '') or (None, error
+    kind, reason), after the same checks as decode_in_worker; a photo longer than
+    `max_side` on its longer side is reduced to it here (the explanations' working size),
+    so that only that much crosses the process boundary."""
+    rgb, kind, reason = _read_checked(data)
+    if rgb is None:
+        return None, kind, reason
+    if max(rgb.size) > max_side:
+        rgb.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return np.asarray(rgb, dtype=np.uint8), "", ""
 
 
 class DecoderPool:
@@ -96,12 +120,21 @@ class DecoderPool:
 
     async def decode(self, data: bytes) -> tuple:
         """(input tensor, '', '') or (None, kind, reason), as decode_in_worker."""
+        array, kind, reason = await self._run(decode_in_worker, data)
+        return (torch.from_numpy(array) if array is not None else None), kind, reason
+
+    async def decode_rgb(self, data: bytes, max_side: int) -> tuple:
+        """(RGB PIL image at most max_side long, '', '') or (None, kind, reason), as
+        decode_rgb_in_worker."""
+        array, kind, reason = await self._run(decode_rgb_in_worker, data, max_side)
+        return (Image.fromarray(array, "RGB") if array is not None else None), kind, reason
+
+    async def _run(self, work, *args) -> tuple:
         loop = asyncio.get_running_loop()
         for attempt in (1, 2):
             pool = self._pool
             try:
-                array, kind, reason = await loop.run_in_executor(pool, decode_in_worker, data)
-                return (torch.from_numpy(array) if array is not None else None), kind, reason
+                return await loop.run_in_executor(pool, work, *args)
             except BrokenProcessPool:
                 # A worker died (a decoder crash, or killed for memory): every image then in the
                 # pool fails with it. Rebuild once and try each again; an image that kills the

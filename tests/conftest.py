@@ -6,9 +6,12 @@ Test modules import these from here, never from each other."""
 import csv
 import io
 import os
+import re
 import signal
+import subprocess
 import sys
 import tarfile
+import time
 
 import numpy as np
 import pytest
@@ -198,6 +201,54 @@ def stop_job(proc):
         proc.wait()
 
 
+# ---- serve.py in a subprocess --------------------------------------------------------
+
+SERVE_START_TIMEOUT_S = 120   # model load and the decoding processes' imports, on a busy 2-core machine
+
+
+class Server:
+    """serve.py in a subprocess on a free loopback port (--port 0: the port it printed);
+    $NIMA_API_KEY only from `env`. wait_ready() returns it once /health answers."""
+
+    def __init__(self, ckpt, log_path, *extra, env=None):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(ckpt), "--host", "127.0.0.1",
+                                      "--port", "0", "--device", "cpu", "--workers", "1", "--log_level", "warning",
+                                      *map(str, extra)],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**{k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}, **(env or {})})
+        self.url = None
+
+    def output(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def wait_ready(self, headers=None) -> "Server":
+        import httpx  # requirements-test.txt; imported here so that conftest needs it only for servers
+
+        deadline = time.monotonic() + SERVE_START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"serve.py exited with {self.proc.returncode}:\n{self.output()}"
+            if self.url is None:
+                found = re.search(r"on (http://127\.0\.0\.1:\d+)", self.output())
+                self.url = found.group(1) if found else None
+            if self.url is not None:
+                try:
+                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
+                        return self
+                except httpx.TransportError:
+                    pass
+            time.sleep(0.2)
+        raise AssertionError(f"serve.py not ready after {SERVE_START_TIMEOUT_S} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+        self.log.close()
+
+
 # ---- collections: folders and tar shards ----------------------------------------------
 
 def jpeg(rng, w=64, h=48, fmt="JPEG"):
@@ -247,3 +298,17 @@ def read_rows(out, name="predictions.csv"):
 
 def row_numbers(rs):
     return np.array([[float(r[k]) for k in ("mean", "std", *(f"p{i}" for i in range(1, 11)))] for r in rs])
+
+
+SERVED_KEY = "page-test-key"
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_ckpt, tmp_path_factory):
+    """serve.py on tiny_ckpt (32 px crops of a 40 px resize) requiring the API key
+    SERVED_KEY, shared by the tests of /explain, /enhance and the web page."""
+    server = Server(tiny_ckpt, tmp_path_factory.mktemp("served") / "serve.log", env={"NIMA_API_KEY": SERVED_KEY})
+    try:
+        yield server.wait_ready()
+    finally:
+        server.stop()

@@ -205,3 +205,27 @@ def test_scorer_explain(tmp_path):
     assert score.mean == pytest.approx(plain.mean, abs=1e-6) and np.allclose(score.distribution, plain.distribution, atol=1e-6)
     again, _ = scorer.explain(img)  # a PIL image gives the file's map
     assert np.array_equal(heat, again)
+
+
+def test_heat_overlay_colours_by_hand():
+    """The web page's heat map picture: where the map is 0 the photo in grey (Pillow's L,
+    ITU-R 601-2 luma, by hand), at +1 and -1 RdBu_r's end colours (matplotlib's published
+    #67001f and #053061) at opacity 0.75 over that grey, at 0.5 its colour there (#e48066)
+    half as opaque."""
+    from engine.explain.pictures import heat_overlay
+
+    rgb = np.zeros((4, 5, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 100, 40
+    heat = np.array([[0, 1, -1, 0.5, 2.0]] * 4, np.float32)  # 2.0: clipped to 1
+    out = np.asarray(heat_overlay(Image.fromarray(rgb), heat)).astype(float)
+    grey = (200 * 299 + 100 * 587 + 40 * 114) / 1000  # 123.06 -> Pillow rounds to 123
+    red, blue = np.array([0x67, 0x00, 0x1F], float), np.array([0x05, 0x30, 0x61], float)
+    assert out.shape == (4, 5, 3)
+    assert np.abs(out[:, 0] - round(grey)).max() <= 1
+    assert np.abs(out[:, 1] - (0.75 * red + 0.25 * round(grey))).max() <= 1
+    assert np.abs(out[:, 2] - (0.75 * blue + 0.25 * round(grey))).max() <= 1
+    assert np.abs(out[:, 4] - out[:, 1]).max() == 0
+    light_red = np.array([0xE4, 0x80, 0x66], float)  # RdBu_r at 0.75, i.e. a map value of 0.5
+    assert np.abs(out[:, 3] - (0.375 * light_red + 0.625 * round(grey))).max() <= 1
+    with pytest.raises(ValueError, match="heat map 4x4 for an image of 5x4"):
+        heat_overlay(Image.fromarray(rgb), heat[:, :4])

@@ -20,54 +20,13 @@ import pytest
 from PIL import Image
 
 import serve as serve_cli
-from conftest import ROOT, run_main, run_test, tiny_train_args
+from conftest import ROOT, Server, run_main, run_test, tiny_train_args
 
 KEY = "s3cret-key"
 EXIF_ORIENTATION = 0x0112
-START_TIMEOUT_S = 120   # model load and the decoding processes' imports, on a busy 2-core machine
 REQUEST_TIMEOUT_S = 60
 # The main server's limits, small so that the tests' images and bodies can exceed them.
 MAX_BODY_MB, MAX_PIXELS, MAX_FILES = 2, 100_000, 8
-
-
-class Server:
-    """serve.py in a subprocess on a free loopback port (--port 0: the port it printed)."""
-
-    def __init__(self, ckpt, log_path, *extra, env=None):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(ckpt), "--host", "127.0.0.1",
-                                      "--port", "0", "--device", "cpu", "--workers", "1", "--log_level", "warning",
-                                      *map(str, extra)],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**{k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}, **(env or {})})
-        self.url = None
-
-    def output(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def wait_ready(self, headers=None) -> "Server":
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"serve.py exited with {self.proc.returncode}:\n{self.output()}"
-            if self.url is None:
-                found = re.search(r"on (http://127\.0\.0\.1:\d+)", self.output())
-                self.url = found.group(1) if found else None
-            if self.url is not None:
-                try:
-                    if httpx.get(self.url + "/health", timeout=5).status_code == 200:
-                        return self
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        raise AssertionError(f"serve.py not ready after {START_TIMEOUT_S} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
-        self.log.close()
 
 
 @pytest.fixture(scope="module")
@@ -224,9 +183,16 @@ def chunked(data: bytes, size=256 * 1024):
         yield data[start:start + size]
 
 
+# Every image route takes the same uploads through the same checks; /enhance with few steps
+# and no sweep keeps its successful answers quick. The field each one's success carries.
+IMAGE_ROUTES = {"/score": "mean", "/explain": "mean", "/enhance?steps=3&sweep=none": "score_before"}
+
+
 @pytest.mark.subprocess
-def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
+@pytest.mark.parametrize("route", list(IMAGE_ROUTES))
+def test_bad_input_gets_its_status_and_the_server_stays_up(setup, route):
     server, images = setup["main"], setup["images"]
+    value = IMAGE_ROUTES[route]
     jpeg = images["a.jpg"]
     listener = Listener()
     big = b"\xff\xd8" + bytes(30 * 1024 * 1024)  # 30 MB, over --max_body_mb 2
@@ -266,7 +232,7 @@ def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
     ]
     with client(server) as c:
         for what, kwargs, status, kind, words in cases:
-            response = c.post("/score", **kwargs)
+            response = c.post(route, **kwargs)
             assert response.status_code == status, (what, response.text)
             body = response.json()
             assert body["error"] == kind and words in body["detail"], (what, body)
@@ -280,44 +246,50 @@ def test_bad_input_gets_its_status_and_the_server_stays_up(setup):
         # enough to be spooled to a temporary file by the multipart parser.
         mixed = {"a.jpg": jpeg, "broken.jpg": truncated_jpeg(), "b.png": images["b.png"],
                  "padded.jpg": jpeg + bytes(1_200_000)}
-        response = c.post("/score", files=multipart(mixed))
+        response = c.post(route, files=multipart(mixed))
         assert response.status_code == 200, response.text
         results = response.json()["results"]
         assert [r["filename"] for r in results] == list(mixed)
         assert results[1] == {"filename": "broken.jpg", "error": "truncated image"}
-        alone = c.post("/score", files=multipart({"b.png": images["b.png"]})).json()["results"][0]
-        assert results[2]["mean"] == pytest.approx(alone["mean"], abs=1e-6)
-        assert results[3]["mean"] == pytest.approx(results[0]["mean"], abs=1e-6)
+        alone = c.post(route, files=multipart({"b.png": images["b.png"]})).json()["results"][0]
+        assert results[2][value] == pytest.approx(alone[value], abs=1e-6)
+        assert results[3][value] == pytest.approx(results[0][value], abs=1e-6)
         # Every image unreadable: 422, each one's reason listed.
-        response = c.post("/score", files=multipart({"x.jpg": b"nope", "y.jpg": truncated_jpeg()}))
+        response = c.post(route, files=multipart({"x.jpg": b"nope", "y.jpg": truncated_jpeg()}))
         assert response.status_code == 422
         assert [r["error"] for r in response.json()["results"]] == [
             "not an image in an accepted format (JPEG, PNG, WEBP, GIF, BMP, TIFF)", "truncated image"]
         errors = c.get("/metrics").text
     assert not listener.contacted(), "the service fetched a URL sent in a request"
     assert metric(errors, 'nima_errors_total{kind="body_too_large"}') >= 3
-    assert metric(errors, 'nima_http_requests_total{route="/score",status="413"}') >= 4
+    path = route.split("?")[0]
+    assert metric(errors, f'nima_http_requests_total{{route="{path}",status="413"}}') >= 4
     assert_up(server)
 
 
 @pytest.mark.subprocess
-def test_api_key(setup):
+@pytest.mark.parametrize("route", list(IMAGE_ROUTES))
+def test_api_key(setup, route):
     server, jpeg = setup["main"], setup["images"]["a.jpg"]
     raw = {"content": jpeg, "headers": {"Content-Type": "image/jpeg"}}
     for headers, word in (({}, "missing"), ({"Authorization": "Bearer wrong"}, "wrong"), ({"X-API-Key": "wrong"}, "wrong"),
                           ({"X-API-Key": KEY[:-1]}, "wrong"), ({"Authorization": KEY}, "missing"),
                           ({"Authorization": f"Basic {KEY}"}, "missing")):
-        response = httpx.post(server.url + "/score", content=jpeg, timeout=REQUEST_TIMEOUT_S,
+        response = httpx.post(server.url + route, content=jpeg, timeout=REQUEST_TIMEOUT_S,
                               headers={"Content-Type": "image/jpeg", **headers})
         assert response.status_code == 401, headers
         assert response.json()["error"] == "unauthorized" and "Bearer" in response.headers["www-authenticate"]
         assert word in response.json()["detail"], headers
     for path in ("/model", "/metrics"):
         assert httpx.get(server.url + path, timeout=10).status_code == 401
+    # The page and its files hold no data: open, as /health and /docs.
+    for path in ("/", "/static/app.js", "/favicon.ico", "/docs"):
+        assert httpx.get(server.url + path, timeout=10).status_code == 200, path
     with client(server, key=None) as c:
         for headers in ({"Authorization": f"Bearer {KEY}"}, {"Authorization": f"bearer {KEY}"}, {"X-API-Key": KEY}):
-            response = c.post("/score", content=raw["content"], headers={**raw["headers"], **headers})
+            response = c.post(route, content=raw["content"], headers={**raw["headers"], **headers})
             assert response.status_code == 200, headers
+            assert IMAGE_ROUTES[route] in response.json()["results"][0]
     assert_up(server)  # /health needs no key: load balancers probe it
 
 

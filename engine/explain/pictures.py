@@ -1,7 +1,7 @@
 """The pictures of explanations and enhancements, drawn headless (Agg), written atomically:
 - test.py --explain: explain/<image_id>.png for the best and worst scored images of a
   run, each the photo beside its heat map (heatmaps.py) with the predicted mean (and the
-  true one when the CSV has labels);
+  true one when the CSV has labels); heat_overlay: that heat map alone, for the web page;
 - tools/enhance.py: before/after with both predicted means, and a parameter sweep as one
   row of photos."""
 import os
@@ -21,6 +21,7 @@ EXPLAIN_DIR = "explain"
 FIGURE_INCHES = (8.0, 4.6)  # 800 x 460 px
 THUMB_PIXELS = 480           # longest side drawn: plenty for a 4-inch panel, keeps the PNG small
 HEAT_CMAP = "RdBu_r"         # red raises the predicted mean, blue lowers it
+HEAT_ALPHA = 0.75            # the heat map's opacity where its magnitude is 1
 
 
 def parse_explain(text):
@@ -60,7 +61,7 @@ def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
     axes[0].imshow(photo)
     axes[1].imshow(np.asarray(Image.fromarray(photo).convert("L")), cmap="gray", vmin=0, vmax=255)  # colours read truer on grey
     # Opacity follows the magnitude, so regions that do not matter show the photo as it is.
-    shown = axes[1].imshow(heat_small, cmap=HEAT_CMAP, vmin=-1, vmax=1, alpha=np.clip(np.abs(heat_small), 0, 1) * 0.75)
+    shown = axes[1].imshow(heat_small, cmap=HEAT_CMAP, vmin=-1, vmax=1, alpha=np.clip(np.abs(heat_small), 0, 1) * HEAT_ALPHA)
     if box is not None:
         x0, y0, x1, y1 = (v * scale for v in box)
         for ax in axes:
@@ -72,6 +73,22 @@ def plot_explanation(rgb, heat, path, title, subtitle="", box=None) -> None:
     fig.suptitle(title, fontsize=13, y=0.97)
     fig.text(0.5, 0.87, subtitle, ha="center", fontsize=8)
     save_figure(fig, path)
+
+
+def heat_overlay(rgb, heat) -> Image.Image:
+    """The right-hand panel of plot_explanation as an RGB image of the photo's size (for
+    the web page): the photo in grey under its signed heat map in HEAT_CMAP over [-1, 1],
+    each pixel's opacity |heat| * HEAT_ALPHA, so regions that do not matter show the photo."""
+    from matplotlib import colormaps  # the pictures' dependency, imported when drawn (as pyplot())
+
+    h = np.clip(np.asarray(heat, np.float32), -1.0, 1.0)
+    if h.shape != (rgb.size[1], rgb.size[0]):
+        raise ValueError(f"heat map {h.shape[1]}x{h.shape[0]} for an image of {rgb.size[0]}x{rgb.size[1]}")
+    grey = np.asarray(rgb.convert("L"), np.float32)[..., None] / 255.0
+    colour = colormaps[HEAT_CMAP]((h + 1.0) / 2.0)[..., :3]  # imshow's vmin=-1, vmax=1
+    alpha = (np.abs(h) * HEAT_ALPHA)[..., None]
+    out = alpha * colour + (1.0 - alpha) * grey
+    return Image.fromarray(np.round(out * 255.0).astype(np.uint8), "RGB")
 
 
 def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, device=None, max_pixels=None,
