@@ -25,8 +25,9 @@ from conftest import ROOT, SERVED_KEY, run_test
 
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"
 HAVE_SELENIUM = importlib.util.find_spec("selenium") is not None
+# In CI (.ci/run installs the browser) a missing browser is a failure, not a skip.
 pytestmark = [pytest.mark.browser, pytest.mark.subprocess, pytest.mark.slow, pytest.mark.skipif(
-    not (HAVE_SELENIUM and os.path.exists(CHROMIUM) and os.path.exists(DRIVER)),
+    not (HAVE_SELENIUM and os.path.exists(CHROMIUM) and os.path.exists(DRIVER)) and os.environ.get("CI") != "true",
     reason="needs Chromium, its driver and Selenium: apt-get install chromium chromium-driver; "
            "pip install -r requirements-test.txt")]
 WAIT_S = 120  # the longest wait for the page, on a busy 2-core machine
