@@ -23,7 +23,7 @@ class ServiceMetrics:
         r = self.registry
         self.requests = Counter("nima_http_requests", "HTTP requests answered, by route and status code",
                                 ["route", "status"], registry=r)
-        self.images = Counter("nima_images", "Images received by /score, by outcome (scored or error)",
+        self.images = Counter("nima_images", "Images received by /score, /explain and /enhance, by outcome (scored: done; or error)",
                               ["outcome"], registry=r)
         self.errors = Counter("nima_errors", "Errors by kind: a whole request's (the JSON 'error' field) "
                               "or one image's in a multi-image request", ["kind"], registry=r)
