@@ -120,8 +120,8 @@ def serve_and_ask(box, argv):
             answer = httpx.post(f"{base}/score", files={"file": (os.path.basename(files[0]), f.read())}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert 1 <= answer.json()["results"][0]["mean"] <= 10
-        page = httpx.get(f"{base}/health", timeout=10)
-        assert page.status_code == 200
+        page = httpx.get(f"{base}/", timeout=10)  # the web page
+        assert page.status_code == 200 and "<html" in page.text.lower()
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
