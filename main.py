@@ -19,14 +19,15 @@ from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_trans
 from dataset.images import DEFAULT_MAX_PIXELS
 from dataset.labels import shared_images
 from dataset.mos import LABEL_FORMATS
+from dataset.sources import table_source
 from dataset.transforms import check_tta
 from engine import distributed
 from engine.train.checkpoints import MONITORS, RunCheckpoints
 from engine.flags import HelpFormatter, str2bool
+from engine.score.collection import score_to_files
 from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
 from engine.train.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
-from engine.score.predictions import score_and_report
 from engine.train.log import RunLog
 from engine.train.setup import UsageError, build_run, check_recipe_flags, read_labels
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
@@ -317,19 +318,20 @@ def remove_if_no_checkpoint(folder) -> None:
 
 def test_split(args, rt) -> int:
     """--test: score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under
-    --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test."""
+    --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test,
+    through test.py's pipeline (engine/score/collection.py)."""
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
     table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
     model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
     rt = rt.for_model(model_args)
-    if rt.channels_last:  # as test.py: the inputs are channels_last on CUDA, so the weights are too
+    if rt.channels_last:  # the inputs are channels_last on CUDA, so the weights are too
         model = model.to(memory_format=torch.channels_last)
-    _, errors = score_and_report(model, model_args, table, rt, os.path.join(args.ckpt_path, "test"),
-                                 batch_size=args.test_batch_size, workers=args.num_workers, tta=args.tta,
-                                 contact_sheet=args.contact_sheet, title=f"test set ({path})",
-                                 max_pixels=args.max_image_pixels, score_range=args.score_range)
-    return 1 if errors else 0
+    result = score_to_files(model, model_args, [table_source(table)], rt, os.path.join(args.ckpt_path, "test"),
+                            model_path=path, table=table, batch_size=args.test_batch_size, workers=args.num_workers,
+                            tta=args.tta, max_pixels=args.max_image_pixels, score_range=args.score_range,
+                            contact_sheet=args.contact_sheet, title=f"test set ({path})")
+    return 1 if result is not None and result[2] else 0  # rank 0 reports every rank's unreadable images
 
 
 if __name__ == "__main__":

@@ -12,26 +12,24 @@ Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
 written); 2 bad usage or unreadable checkpoint/CSV.
 """
 import argparse
-import glob
 import os
 import sys
 
 import torch
 
-from dataset import LabelFileError, find_images, read_label_csv
+from dataset import LabelFileError, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from dataset.labels import LabelTable
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.sources import resolve_specs, table_source
 from dataset.transforms import check_tta
 from engine import distributed
-from engine.score.collection import PART_SIZE, collection_workers, score_collection
+from engine.score.collection import PART_SIZE, collection_workers, score_to_files
 from engine.explain.pictures import parse_explain, write_explanations
 from engine.flags import HelpFormatter, add_normalize_flag
-from engine.loaders import default_batch_size, default_workers
-from engine.score.merge import PARQUET_HINT, OpenersById, merge_and_report
-from engine.score.parts import PartsResumeError, parts_dir, remove_parts
-from engine.score.predictions import read_predictions, score_and_report
+from engine.loaders import default_batch_size
+from engine.score.merge import PARQUET_HINT, OpenersById
+from engine.score.parts import PartsResumeError
+from engine.score.predictions import read_predictions
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
@@ -111,9 +109,6 @@ def check_flags(args) -> None:
         raise ValueError("give --test_images SPEC [SPEC ...] and/or --file_list LIST")
     if args.test_csv_file and (args.file_list or len(args.test_images or ()) != 1):
         raise ValueError("with --test_csv_file, --test_images is the one folder of the CSV's images (and no --file_list)")
-    if args.gpu_decode and (args.file_list or args.resume or len(args.test_images) > 1 or args.output_format != "csv"):
-        raise ValueError("--gpu_decode scores in memory from one --test_images spec or --test_csv_file: it does not take "
-                         "--file_list, --resume, several specs or --output_format parquet")
     if args.output_format == "parquet":
         try:
             import pyarrow.parquet  # noqa: F401
@@ -140,21 +135,6 @@ def collection_inputs(args, score_range=None) -> tuple:
     return None, resolve_specs(args.test_images, args.file_list)
 
 
-def load_inputs(args, score_range=None) -> tuple:
-    """--gpu_decode's in-memory inputs: (table of images to score, ids to write)."""
-    if args.test_csv_file:
-        table = read_table(args, score_range)
-        return table, table.ids
-    spec = args.test_images[0]
-    if not os.path.exists(spec) and not glob.has_magic(spec):
-        raise ValueError(f"--test_images {spec}: no such file or folder (give an image, a folder or a quoted glob)")
-    root, paths = find_images(spec)
-    if not paths:
-        raise ValueError(f"--test_images {spec!r}: no image files found (looked for {', '.join(('.jpg', '.png', '.webp', '...'))})")
-    ids = [os.path.relpath(p, root) for p in paths]
-    return LabelTable(csv_path="", ids=ids, paths=paths, lines=[], dists=None), ids
-
-
 def main(args) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports usage errors
     try:
@@ -174,17 +154,11 @@ def run(args, dist_info, device) -> int:
     try:
         explain = parse_explain(args.explain)
         _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
-        if args.gpu_decode:
-            table, ids = load_inputs(args, score_range)
-        else:
-            table, sources = collection_inputs(args, score_range)
+        table, sources = collection_inputs(args, score_range)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
         batch_size = args.batch_size or default_batch_size(device)
-        if args.gpu_decode:
-            workers = args.num_workers if args.num_workers is not None else default_workers(device, len(ids) * args.tta, batch_size)
-        else:
-            workers = collection_workers(device, sources, args.num_workers, batch_size, args.tta,
-                                         peek=len(table) if table is not None else None)
+        workers = collection_workers(device, sources, args.num_workers, batch_size, args.tta,
+                                     peek=len(table) if table is not None else None)
     except (ValueError, LabelFileError, CheckpointError) as exc:
         if dist_info.is_main:
             print(f"error: {exc}", file=sys.stderr)
@@ -197,33 +171,23 @@ def run(args, dist_info, device) -> int:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
-        if args.gpu_decode:
-            _, errors = score_and_report(model, model_args, table, rt, args.predictions, batch_size=batch_size,
-                                         workers=workers, tta=args.tta, ids=ids, contact_sheet=args.contact_sheet,
-                                         max_pixels=args.max_image_pixels, score_range=score_range)
-            paths_by_id = dict(zip(ids, table.paths))
-        else:
-            score_collection(model, model_args, sources, rt, args.predictions, model_path=args.model,
-                             batch_size=batch_size, workers=workers, tta=args.tta, max_pixels=args.max_image_pixels,
-                             resume=args.resume, part_size=args.part_size, total=len(table) if table is not None else None)
-            distributed.barrier(rt.dist)  # every process's parts are written
-            if not rt.dist.is_main:
-                return 0  # rank 0 merges and reports every rank's errors
-            ids, openers, errors = merge_and_report(parts_dir(args.predictions), sources, args.predictions, model_args,
-                                                    table=table, score_range=score_range, output_format=args.output_format,
-                                                    contact_sheet=args.contact_sheet, max_pixels=args.max_image_pixels)
-            paths_by_id = OpenersById(ids, openers)
-        if explain and rt.dist.is_main:  # from the predictions.csv just written
+        result = score_to_files(model, model_args, sources, rt, args.predictions, model_path=args.model, table=table,
+                                batch_size=batch_size, workers=workers, tta=args.tta, max_pixels=args.max_image_pixels,
+                                resume=args.resume, part_size=args.part_size, score_range=score_range,
+                                output_format=args.output_format, contact_sheet=args.contact_sheet,
+                                keep_parts=args.keep_parts)
+        if result is None:
+            return 0  # rank 0 merged and reports every rank's errors
+        ids, openers, errors = result
+        if explain:  # from the predictions.csv just written
             rows = read_predictions(os.path.join(args.predictions, "predictions.csv"))
-            write_explanations(model, model_args, args.predictions, rows, paths_by_id, explain, device,
+            write_explanations(model, model_args, args.predictions, rows, OpenersById(ids, openers), explain, device,
                                args.max_image_pixels, show_progress=not args.quiet)
-        if not args.gpu_decode and not args.keep_parts:
-            remove_parts(parts_dir(args.predictions))
     except (OutputWriteError, PartsResumeError) as exc:
         if rt.dist.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if errors and rt.dist.is_main else 0
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

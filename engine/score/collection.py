@@ -1,6 +1,7 @@
-"""Scoring a collection of any size (test.py): stream the images through the model, write
-the results to part files as they come (engine/score/parts.py), and merge the parts into the
-prediction files at the end (engine/score/merge.py).
+"""The one batch-scoring pipeline (test.py, with or without --gpu_decode, and main.py
+--test): stream the images of a collection of any size through the model, write the
+results to part files as they come (engine/score/parts.py), and merge the parts into the
+prediction files at the end (engine/score/merge.py). score_to_files does all three.
 
 Under torchrun every process scores its own share (dataset/stream.py) and writes its
 own parts; after a barrier rank 0 merges. A process that dies ends the job (torchrun
@@ -17,10 +18,12 @@ from dataset.sources import iter_entries
 from dataset.stream import CollectionDataset, count_items, rank_share
 from fileio import OutputWriteError, check_writable
 
-from engine.distributed import gather_objects
-from engine.score.inference import batch_distributions, images_per_batch, inference_transform
+from engine.distributed import barrier, gather_objects
 from engine.loaders import default_workers, make_loader
-from engine.score.parts import PartsResumeError, done_refs, new_token, part_path, parts_dir, prepare, run_record, write_part
+from engine.score.inference import batch_distributions, images_per_batch, inference_transform
+from engine.score.merge import merge_and_report
+from engine.score.parts import (PartsResumeError, done_refs, new_token, part_path, parts_dir, prepare, remove_parts,
+                                run_record, write_part)
 
 PART_SIZE = 5000       # images per part file (--part_size)
 FLUSH_SECONDS = 10.0   # a part is also written when its oldest result is this old: a kill loses little
@@ -69,6 +72,29 @@ class Progress:
         self.bar.close()
 
 
+def score_to_files(model, model_args, sources, rt, out_dir, *, model_path, batch_size, workers, table=None, tta=1,
+                   max_pixels=None, resume=False, part_size=PART_SIZE, score_range=None, output_format="csv",
+                   contact_sheet=0, title=None, keep_parts=False):
+    """Score every image of `sources` into the prediction files of out_dir: every
+    process scores its share into parts (score_collection); once all have, rank 0 merges
+    them, draws the pictures and prints the report (merge_and_report), then removes the
+    parts unless `keep_parts`. `table`: the LabelTable of a table source (its labels give
+    the metrics, its rows the order). Returns (ids, Openers, errors) on rank 0, None on
+    the other ranks. Raises PartsResumeError or OutputWriteError as score_collection."""
+    score_collection(model, model_args, sources, rt, out_dir, model_path=model_path, batch_size=batch_size,
+                     workers=workers, tta=tta, max_pixels=max_pixels, resume=resume, part_size=part_size,
+                     total=len(table) if table is not None else None)
+    barrier(rt.dist)  # every process's parts are written
+    if not rt.dist.is_main:
+        return None  # rank 0 merges and reports every rank's errors
+    result = merge_and_report(parts_dir(out_dir), sources, out_dir, model_args, table=table, score_range=score_range,
+                              output_format=output_format, contact_sheet=contact_sheet, max_pixels=max_pixels,
+                              title=title)
+    if not keep_parts:
+        remove_parts(parts_dir(out_dir))
+    return result
+
+
 def score_collection(model, model_args, sources, rt, out_dir, *, model_path, batch_size, workers, tta=1,
                      max_pixels=None, resume=False, part_size=PART_SIZE, total=None) -> int:
     """Score every image of `sources` not already in a part (with `resume`) into part
@@ -94,30 +120,49 @@ def score_collection(model, model_args, sources, rt, out_dir, *, model_path, bat
     if resume:
         done = rank_share(done_refs(folder), sources, rt.dist.rank, rt.dist.world_size, workers)
     already = gather_objects(rt.dist, len(done))
-    size = model_args["image_size"]
-    decoder = ImageDataset([], inference_transform(model_args, tta, rt.uint8_transfer),
-                           image_shape=(3, size, size) if tta == 1 else (tta, 3, size, size), max_pixels=max_pixels)
-    dataset = CollectionDataset(sources, decoder, rt.dist.rank, rt.dist.world_size, frozenset(done))
+    loader = collection_loader(sources, model_args, rt, batch_size, workers, tta, max_pixels, frozenset(done))
     del done
-    loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt)
     writer = PartWriter(folder, rt.dist.rank, part_size)
     progress = Progress(rt, sources, total, sum(already), rt.dist.world_size)
-    model.eval()
     try:
-        with torch.no_grad():
-            for batch in loader:
-                ok = batch["ok"].tolist()
-                dists = batch_distributions(model, batch["image"], rt).double().tolist() if any(ok) else None
-                writer.add([(ref, source, key, order, "ok" if good else "error", warn if good else err,
-                             dists[n] if good else None)
-                            for n, (ref, source, key, order, good, err, warn) in enumerate(zip(
-                                batch["ref"], batch["source"].tolist(), batch["key"], batch["order"].tolist(), ok,
-                                batch["error"], batch["warning"]))])
-                progress.update(len(ok))
+        for rows in scored_rows(model, loader, rt):
+            writer.add(rows)
+            progress.update(len(rows))
         writer.flush()
     finally:
         progress.close()
     return writer.written
+
+
+def scored_rows(model, loader, rt):
+    """For each batch of a collection_loader, its results as part-file rows: (ref, source,
+    key, order, 'ok' or 'error', warning or reason, distribution as 10 floats or None)."""
+    model.eval()
+    for batch in loader:
+        ok = batch["ok"].tolist()
+        with torch.no_grad():  # not around the yield: the caller's code runs with grad mode as it set it
+            dists = batch_distributions(model, batch["image"], rt).double().tolist() if any(ok) else None
+        yield [(ref, source, key, order, "ok" if good else "error", warn if good else err, dists[n] if good else None)
+               for n, (ref, source, key, order, good, err, warn) in enumerate(zip(
+                   batch["ref"], batch["source"].tolist(), batch["key"], batch["order"].tolist(), ok,
+                   batch["error"], batch["warning"]))]
+
+
+def collection_loader(sources, model_args, rt, batch_size, workers, tta=1, max_pixels=None, done=frozenset()):
+    """The batches of a collection (this process's share, less the refs in `done`) as
+    the model takes them: Pillow decodes in the loader workers, or with rt.gpu_decode the
+    workers read the bytes and the device decodes the JPEGs (engine/score/gpu_decode.py).
+    Items: ref, source, key, order, image, ok, error, warning (dataset/stream.py)."""
+    size = model_args["image_size"]
+    shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
+    # The device decoder makes uint8 crops; so must the Pillow path beside it.
+    pillow = ImageDataset([], inference_transform(model_args, tta, rt.uint8_transfer or rt.gpu_decode),
+                          image_shape=shape, max_pixels=max_pixels)
+    batch = images_per_batch(batch_size, tta)
+    if rt.gpu_decode:
+        from engine.score.gpu_decode import device_decode_loader  # torchvision.io: only when asked for
+        return device_decode_loader(sources, pillow, model_args, rt, batch, workers, tta, done)
+    return make_loader(CollectionDataset(sources, pillow, rt.dist.rank, rt.dist.world_size, done), batch, workers, rt)
 
 
 def collection_workers(device, sources, flag, batch_size, tta, peek=None) -> int:

@@ -1,5 +1,6 @@
-"""Decode JPEGs on the device (test.py --gpu_decode): the loader workers only read the
-files' bytes and their headers, and the main process decodes each batch at once with
+"""Decode JPEGs on the device (test.py --gpu_decode): the collection's loader workers
+(engine/score/collection.py) only read the images' bytes and their headers, and the main
+process decodes each batch at once with
 `torchvision.io.decode_jpeg(list, device=...)` (nvJPEG on CUDA), then applies the EXIF
 orientation, resizes the shorter side (bilinear, antialiased) and crops there.
 
@@ -8,8 +9,9 @@ the two decoders' differences: the same output size, the same crop offsets, the 
 orientation. Every file the device path does not take goes through the Pillow path
 instead, in the worker: other formats, CMYK and other JPEG modes, JPEGs that do not
 end with their end-of-image marker (Pillow reports those as truncated), headers that
-warn or fail, images above the pixel limit. A file the device decoder rejects is read
-by the Pillow path in the main process. Reasons for unreadable files are Pillow's.
+warn or fail, images above the pixel limit or too elongated to resize under it. A file
+the device decoder rejects is read by the Pillow path in the main process, from the
+bytes already read. Reasons for unreadable files are Pillow's.
 
 With device='cpu' the same code decodes with libjpeg-turbo through torchvision, which
 is how it is tested without a GPU.
@@ -23,8 +25,9 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from dataset import ImageDataset
-from dataset.labels import NUM_BINS
-from dataset.transforms import TTACrops, check_tta, eval_transform, tta_crops, uint8_to_input
+from dataset.images import ImageReadError, check_resizable
+from dataset.stream import CollectionDataset
+from dataset.transforms import tta_crops, uint8_to_input
 
 from engine.loaders import make_loader
 
@@ -76,49 +79,52 @@ def apply_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
-class JpegBytesDataset(ImageDataset):
-    """An inference dataset whose workers hand the main process JPEG bytes to decode on
-    the device. Items are ImageDataset's (image: a uint8 crop) plus `data` (the file's
-    bytes, b'' when the Pillow path made `image`), `orientation`, `height`, `width`
-    (as stored). For items with data, `image` is a blank to be replaced."""
+class JpegBytesDataset(CollectionDataset):
+    """A collection (dataset/stream.py) whose loader workers hand the main process the
+    bytes of every JPEG the device can decode, with the header fields it needs. Items
+    are CollectionDataset's plus `data` (the image's bytes, b'' where the Pillow path
+    made `image`), `orientation`, `height`, `width` (as stored); for items with data,
+    `image` is a blank to be replaced. `decoder`: the Pillow path's ImageDataset, with
+    uint8 crops."""
 
-    def __init__(self, paths, model_args, dists=None, tta=1, max_pixels=None):
-        check_tta(tta)
-        size = model_args["image_size"]
-        transform = eval_transform(model_args, uint8=True) if tta == 1 else TTACrops(model_args, tta, uint8=True)
-        shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
-        super().__init__(paths, transform, dists, image_shape=shape, max_pixels=max_pixels)
-
-    def __getitem__(self, item):
-        index = item[0] if isinstance(item, tuple) else item
-        try:
-            with open(self.paths[index], "rb") as f:
-                data = f.read()
-            header = jpeg_header(data, self.max_pixels)
-        except OSError:
-            header = None  # missing, unreadable: the Pillow path gives the reason
+    def item(self, source: int, entry) -> dict:
+        data = None
+        if not entry.error:
+            try:
+                data = entry.data if isinstance(entry.data, bytes) else read_bytes(entry.data)
+            except OSError:
+                pass  # missing, unreadable: the Pillow path gives the reason
+        header = jpeg_header(data, self.decoder.max_pixels) if data is not None else None
+        if header is not None and not self.resizable(header[1]):
+            header = None  # the Pillow path names the problem (too elongated)
         if header is None:
-            return self.pillow_item(index)
+            item = super().item(source, entry if data is None else entry._replace(data=data))  # the bytes read once
+            item.update(data=b"", orientation=1, height=0, width=0)
+            return item
         orientation, (height, width) = header
-        target = self.dists[index] if self.dists is not None else torch.full((NUM_BINS,), float("nan"))
-        return {"index": index, "image": torch.zeros(self.image_shape, dtype=torch.uint8), "target": target,
-                "ok": True, "error": "", "warning": "", "data": data, "orientation": orientation,
-                "height": height, "width": width}
+        return {"ref": entry.ref, "source": source, "key": entry.key, "order": entry.order,
+                "image": self.decoder.blank(), "ok": True, "error": "", "warning": "",
+                "data": data, "orientation": orientation, "height": height, "width": width}
 
-    def pillow_item(self, index) -> dict:
-        """The Pillow path's item for `index`, with the device fields empty."""
-        item = super().__getitem__(index)
-        if item["image"].dtype != torch.uint8:  # the blank of an unreadable image: same dtype as the rest
-            item["image"] = torch.zeros(self.image_shape, dtype=torch.uint8)
-        item.update(data=b"", orientation=1, height=0, width=0)
-        return item
+    def resizable(self, size) -> bool:
+        try:
+            check_resizable(size, self.decoder.resize_to, self.decoder.max_pixels)
+        except ImageReadError:
+            return False
+        return True
+
+
+def read_bytes(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class DeviceJpegDecoder:
-    """Turns a collated JpegBytesDataset batch into uint8 crops on `device`."""
+    """Turns a collated JpegBytesDataset batch into uint8 crops on `device`. `pillow`:
+    the ImageDataset that decodes what the device decoder refuses, from the same bytes."""
 
-    def __init__(self, dataset: JpegBytesDataset, model_args: dict, device, tta: int = 1):
-        self.dataset, self.device, self.tta = dataset, torch.device(device), tta
+    def __init__(self, pillow: ImageDataset, model_args: dict, device, tta: int = 1):
+        self.pillow, self.device, self.tta = pillow, torch.device(device), tta
         self.resize_size, self.size = model_args["resize_size"], model_args["image_size"]
 
     def decode(self, datas: list) -> list:
@@ -164,12 +170,11 @@ class DeviceJpegDecoder:
             crops = self.crops_of(torch.stack([img for _, img in members]))
             for j, (k, _) in enumerate(members):
                 image[k] = crops[j]  # integer indices: a tensor index would cost a host-to-device copy
-        for k in refused:
-            item = self.dataset.pillow_item(int(batch["index"][k]))
-            image[k] = item["image"].to(self.device)
-            ok[k], error[k] = item["ok"], item["error"]
-            if item["warning"] and "warning" in batch:
-                batch["warning"][k] = item["warning"]
+        for k in refused:  # read by Pillow here, in the main process
+            crop, ok[k], error[k], warning = self.pillow.decode(io.BytesIO(batch["data"][k]))
+            image[k] = crop.to(self.device)
+            if warning:
+                batch["warning"][k] = warning
         out = {key: value for key, value in batch.items() if key not in ("data", "orientation", "height", "width")}
         out.update(image=image, ok=ok, error=error)
         return out
@@ -184,25 +189,22 @@ class DeviceDecodeLoader:
     def __init__(self, loader, decoder: DeviceJpegDecoder, normalize: str, channels_last: bool = False):
         self.loader, self.decoder, self.normalize, self.channels_last = loader, decoder, normalize, channels_last
 
-    def __len__(self):
-        return len(self.loader)
-
     def __iter__(self):
         for batch in self.loader:
             batch = self.decoder(batch)
             images = batch["image"]
-            if images.dim() == 5:  # TTA: predict() flattens (B, N, ...) itself; keep the shape
+            if images.dim() == 5:  # TTA: batch_distributions flattens (B, N, ...) itself; keep the shape
                 batch["image"] = uint8_to_input(images, self.normalize)
             else:
                 batch["image"] = uint8_to_input(images, self.normalize, self.channels_last)
             yield batch
 
 
-def device_decode_loader(paths, model_args, rt, batch_size, workers, tta=1, dists=None, sampler=None, max_pixels=None):
-    """The --gpu_decode counterpart of make_loader(inference_dataset(...)): same
-    batches, same order, same items (index, ok, error, warning, target), images decoded
-    on rt.device."""
-    dataset = JpegBytesDataset(paths, model_args, dists, tta=tta, max_pixels=max_pixels)
-    loader = make_loader(dataset, batch_size, workers, rt, sampler=sampler)
-    decoder = DeviceJpegDecoder(dataset, model_args, rt.device, tta)
-    return DeviceDecodeLoader(loader, decoder, model_args["normalize"], rt.channels_last)
+def device_decode_loader(sources, pillow, model_args, rt, batch_size, workers, tta=1, done=frozenset()):
+    """The --gpu_decode loader of a collection: the batches, items and order of
+    make_loader(CollectionDataset(sources, pillow, ...)), images decoded on rt.device.
+    `pillow`: the Pillow path's ImageDataset (uint8 crops); `done`: refs to skip."""
+    dataset = JpegBytesDataset(sources, pillow, rt.dist.rank, rt.dist.world_size, done)
+    decoder = DeviceJpegDecoder(pillow, model_args, rt.device, tta)
+    return DeviceDecodeLoader(make_loader(dataset, batch_size, workers, rt), decoder, model_args["normalize"],
+                              rt.channels_last)

@@ -1,14 +1,14 @@
-"""Running a model over images: the evaluation transforms, predict() over a loader, the
-validation metrics, and scoring a list of files (every image once, across ranks)."""
+"""Running a model over images: the evaluation transforms, one batch's distributions,
+predict() over a loader and the validation metrics (every image once, across ranks).
+Scoring files into prediction files is engine/score/collection.py's."""
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from dataset import ImageDataset, ShardSampler, TTACrops, eval_transform
+from dataset import ImageDataset, TTACrops, eval_transform
 from model.nima import NUM_BINS
 
 from engine.distributed import gather_objects
-from engine.loaders import make_loader
 from engine.metrics import compute_metrics
 
 
@@ -37,43 +37,19 @@ def images_per_batch(batch_size, tta=1):
     return max(1, batch_size // tta)
 
 
-def score_images(model, model_args, paths, rt, batch_size=64, workers=2, tta=1, max_pixels=None, warned=None):
-    """Predicted distributions for `paths`: (indices of readable images, (N, 10) dists,
-    [(index, reason)] for the rest). Every item once, across ranks. A list passed as
-    `warned` receives (index, warning text) of the scored images whose decoder warned,
-    all ranks' (sorted by index)."""
-    sampler = ShardSampler(len(paths), rt.dist.world_size, rt.dist.rank)
-    if rt.gpu_decode:
-        from engine.score.gpu_decode import device_decode_loader  # torchvision.io: only when asked for
-        loader = device_decode_loader(paths, model_args, rt, images_per_batch(batch_size, tta), workers, tta,
-                                      sampler=sampler, max_pixels=max_pixels)
-    else:
-        dataset = inference_dataset(paths, model_args, tta=tta, max_pixels=max_pixels, uint8=rt.uint8_transfer)
-        loader = make_loader(dataset, images_per_batch(batch_size, tta), workers, rt, sampler=sampler)
-    mine = []
-    result = gather_predictions(rt, *predict(model, loader, rt, desc="score", warned=mine))
-    if warned is not None:
-        warned.extend(sorted(w for part in gather_objects(rt.dist, mine) for w in part))
-    return result
-
-
 @torch.no_grad()
-def predict(model, loader, rt, desc="predict", warned=None):
-    """Run the model over a loader; returns (indices, dists (N, 10) float64, errors) for
-    this rank's items. Under TTA the images are (B, N, C, H, W) and the N predicted
-    distributions of each image are averaged. A list passed as `warned` receives
-    (index, warning text) of this rank's scored images whose decoder warned."""
+def predict(model, loader, rt, desc="predict"):
+    """Run the model over a loader of an ImageDataset; returns (indices, dists (N, 10)
+    float64, errors) for this rank's items. Under TTA the images are (B, N, C, H, W) and
+    the N predicted distributions of each image are averaged."""
     model.eval()
     indices, dists, errors = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not rt.progress, dynamic_ncols=True, leave=False):
         out = batch_distributions(model, batch["image"], rt)
-        warning = batch.get("warning") or [""] * len(batch["index"])
-        for i, ok, err, warn, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], warning, out):
+        for i, ok, err, row in zip(batch["index"].tolist(), batch["ok"].tolist(), batch["error"], out):
             if ok:
                 indices.append(i)
                 dists.append(row.double().numpy())
-                if warn and warned is not None:
-                    warned.append((i, warn))
             else:
                 errors.append((i, err))
     return indices, (np.stack(dists) if dists else np.zeros((0, NUM_BINS))), errors

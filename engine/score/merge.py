@@ -157,9 +157,10 @@ def write_parquet(csv_path, parquet_path) -> None:
 
 
 def merge_and_report(folder, sources, out_dir, model_args, *, table=None, score_range=None, output_format="csv",
-                     contact_sheet=0, max_pixels=None):
+                     contact_sheet=0, max_pixels=None, title=None):
     """Write the prediction files from the parts in `folder`, draw the pictures, print
-    the report. Returns (ids, Openers, errors)."""
+    the report (its first line starting with `title` when given). Returns (ids,
+    Openers, errors)."""
     m = read_parts(folder, sources)
     true = None
     if table is not None and table.dists is not None:
@@ -177,5 +178,5 @@ def merge_and_report(folder, sources, out_dir, model_args, *, table=None, score_
     openers = Openers(m.refs, m.source, sources)
     pictures = write_result_pictures(out_dir, openers, [r["image_id"] for r in rows], np.array([r["mean"] for r in rows]),
                                      gt, contact_sheet, max_pixels=max_pixels)
-    print_report(out_dir, len(m), len(m) + len(m.errors), metrics, m.errors, warned, pictures, written=written)
+    print_report(out_dir, len(m), len(m) + len(m.errors), metrics, m.errors, warned, pictures, title, written)
     return m.ids, openers, m.errors

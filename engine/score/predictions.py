@@ -5,12 +5,9 @@ import io
 import os
 import sys
 
-import numpy as np
-
 from dataset.mos import from_bins
 from fileio import atomic_write_json, atomic_write_text, write_or_remove
 
-from engine.score.inference import score_images
 from engine.metrics import compute_metrics, format_table, mean_and_std, score_metrics
 
 
@@ -75,32 +72,6 @@ def read_predictions(path) -> list:
     with open(path, newline="", encoding="utf-8") as f:
         return [{"image_id": r["image_id"], "mean": float(r["mean"]),
                  "gt_mean": float(r["gt_mean"]) if r.get("gt_mean") else None} for r in csv.DictReader(f)]
-
-
-def score_and_report(model, model_args, table, rt, out_dir, *, batch_size, workers, tta=1, ids=None,
-                     contact_sheet=0, title=None, max_pixels=None, score_range=None) -> tuple:
-    """The one scoring path of test.py and main.py --test: score every image of a label
-    table (or id list), write the prediction files and pictures into out_dir, print what
-    was written and the paper's table. Returns (metrics, errors): metrics {} without
-    labels, errors [(path, reason)] of unreadable images. Only rank 0 writes and prints.
-    max_pixels: --max_image_pixels (None: Pillow's default limit). score_range: as
-    write_predictions'."""
-    warned_at = []
-    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers, tta,
-                                            max_pixels=max_pixels, warned=warned_at)
-    ids = ids if ids is not None else table.ids
-    errors = [(table.paths[i], reason) for i, reason in failures]
-    if not rt.dist.is_main:
-        return {}, errors
-    warned = [(table.paths[i], text) for i, text in warned_at]
-    true = None if table.dists is None else np.asarray(table.dists)[indices]
-    metrics = write_predictions(out_dir, [ids[i] for i in indices], dists, true, errors, warned, model_args, score_range)
-    gt_mean = mean_and_std(true)[0] if metrics else None
-    from engine.plots import write_result_pictures  # matplotlib: 0.5 s of start-up, imported when pictures are drawn
-    pictures = write_result_pictures(out_dir, [table.paths[i] for i in indices], [ids[i] for i in indices],
-                                     mean_and_std(dists)[0], gt_mean, contact_sheet, max_pixels=max_pixels)
-    print_report(out_dir, len(indices), len(ids), metrics, errors, warned, pictures, title)
-    return metrics, errors
 
 
 def print_report(out_dir, scored, total, metrics, errors, warned, pictures, title=None, written=("pred.txt",)) -> None:
