@@ -14,12 +14,13 @@ Prints one JSON line per figure as it is measured, then a table (images/s):
   train_jpeg       training end to end from JPEG files through the DataLoader, with the
                    time the step waited for its batch (loader_wait_ms_per_step); float
                    and uint8 loader paths (uint8 is the default on CUDA)
-  infer_jpeg       test.py's path end to end from JPEG files (score_images), and the
-                   same with the uint8 loader and with the JPEGs decoded on the device
+  infer_jpeg       test.py's scoring loop end to end from JPEG files (collection_loader
+                   and scored_rows, without the part files), and the same with the
+                   uint8 loader and with the JPEGs decoded on the device
 On CUDA "fp32" is IEEE float32 throughout (TF32 convolutions off, as main.py and
 test.py run with --amp off); the reference keeps torch's defaults (TF32 convolutions,
 no cuDNN autotuning). "Ours" runs the project's own code (build_model, Runtime, train_one_epoch, predict,
-score_images, make_loader, ImageDataset and its transforms) with each speed flag that
+collection_loader, scored_rows, make_loader, ImageDataset and its transforms) with each speed flag that
 applies to the device; "reference" runs bench/reference_loop.py. The JPEGs are
 generated AVA-like files (bench/ava_like.py) and their cache is made by
 tools/resize_images.py. Every line names the hardware it was measured on.

@@ -4,17 +4,22 @@ if not __package__:  # run by path: this module has no command of its own
     import _by_path
     _by_path.refuse_library(__file__)
 
+import dataclasses
 import gc
 import itertools
 import time
+
+import numpy as np
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset import ImageDataset, eval_transform, load_rgb, train_transform
-from engine.score.gpu_decode import device_decode_loader
-from engine.score.inference import predict, score_images
+from dataset.labels import LabelTable
+from dataset.sources import table_source
 from engine.loaders import make_loader
+from engine.score.collection import collection_loader, scored_rows
+from engine.score.inference import predict
 from engine.metrics import mean_and_std
 from engine.runtime import Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from engine.train.epoch import EpochProgress, train_one_epoch
@@ -277,8 +282,9 @@ class Bench:
         model = self.model(cl).eval()
         with torch.no_grad(), rt.autocast():  # warm-up: cuDNN autotuning for the batch shape
             model(rt.images_to_device(torch.zeros(args.infer_batch_size, *self.shape)))
-        # test.py's path (score_images: float crops from the workers) and the device decode
-        # on every data set, the uint8 loader on the cache.
+        # test.py's scoring loop (collection_loader + scored_rows; its part files are not
+        # written) with float crops from the workers and with the device decode on every
+        # data set, the uint8 loader on the cache.
         cache = list(self.data)[-1]
         runs = [(data, "float") for data in self.data] + [(cache, "uint8")] + [(data, "device_decode") for data in self.data]
         for data, loader_path in runs:
@@ -294,12 +300,10 @@ class Bench:
         self.cleanup()
 
     def _infer_files(self, model, paths, rt, loader_path):
-        args, B = self.args, self.args.infer_batch_size
-        if loader_path == "float":
-            return score_images(model, self.model_args, paths, rt, B, args.workers)[1]
-        if loader_path == "uint8":
-            dataset = ImageDataset(paths, eval_transform(self.model_args, uint8=True), image_shape=self.shape)
-            loader = make_loader(dataset, B, args.workers, rt)
-        else:
-            loader = device_decode_loader(paths, self.model_args, rt, B, args.workers)
-        return predict(model, loader, rt, desc="score")[1]
+        """(N, 10) distributions of `paths` (repeats allowed) through test.py's loop."""
+        rt = dataclasses.replace(rt, uint8_transfer=loader_path == "uint8", gpu_decode=loader_path == "device_decode")
+        table = LabelTable(csv_path="", ids=[str(n) for n in range(len(paths))], paths=paths, lines=[], dists=None)
+        loader = collection_loader([table_source(table)], self.model_args, rt, self.args.infer_batch_size,
+                                   self.args.workers)
+        dists = [row[6] for rows in scored_rows(model, loader, rt) for row in rows if row[4] == "ok"]
+        return np.array(dists).reshape(-1, 10)

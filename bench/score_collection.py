@@ -1,10 +1,10 @@
 """test.py on a collection, as whole processes: images/s (start-up included) and peak
 memory (PSS of the process tree) scoring N cached JPEGs from a folder and from tar
-shards, with 1 and 2 processes (torchrun), beside the in-memory path test.py took before
-it streamed (engine.score.predictions.score_and_report, still main.py --test's).
+shards, with 1 and 2 processes (torchrun).
 
     python -m bench.score_collection [--images 20000] [--device cpu] [--out results.jsonl]
-    python -m bench.score_collection --quick      # 300 images, 3 of the runs: a smoke run (the test suite runs it)
+    python -m bench.score_collection --device cuda --gpu_decode   # each run also with test.py --gpu_decode
+    python -m bench.score_collection --quick      # 300 images, 2 of the runs: a smoke run (the test suite runs it)
 
 The model is tiny_cnn at its own size (64 px crops of a 72 px resize, random weights),
 so the data path (listing or tar reading, JPEG decoding, resizing, batching, part
@@ -31,26 +31,6 @@ import tempfile
 from bench.cpu_scoring import ROOT, append_jsonl, run_measured
 
 POOL = 64
-IN_MEMORY = r"""
-import sys, torch
-from dataset import find_images
-from dataset.labels import LabelTable
-from engine.loaders import default_batch_size, default_workers
-from engine.score.predictions import score_and_report
-from engine.runtime import Runtime
-from model import load_for_inference
-ckpt, folder, out = sys.argv[1:4]
-device = torch.device("cpu")
-model, model_args = load_for_inference(ckpt, device)
-root, paths = find_images(folder)
-ids = [p[len(root) + 1:] for p in paths]
-table = LabelTable(csv_path="", ids=ids, paths=paths, lines=[], dists=None)
-bs = default_batch_size(device)
-score_and_report(model, model_args, table, Runtime(device, show_progress=False), out, batch_size=bs,
-                 workers=default_workers(device, len(ids), bs), ids=ids)
-"""
-
-
 def prepare(folder, n, shard_size, pool_size=POOL) -> tuple:
     """(checkpoint, image folder, shard spec): reused when already there."""
     import io
@@ -102,6 +82,8 @@ def get_args_parser():
     p.add_argument("--data", default=None, help="folder for the images, shards and checkpoint (default: a temporary folder)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every process (0: torch's default)")
     p.add_argument("--out", default=None, help="also append one JSON line per run to this file")
+    p.add_argument("--gpu_decode", action="store_true",
+                   help="each run also with test.py --gpu_decode (the JPEGs decoded on --device in the main process)")
     p.add_argument("--quick", action="store_true",
                    help="300 images (4 distinct) in shards of 100, the folder with 1 process and the shards with 2: a smoke run")
     return p
@@ -123,17 +105,18 @@ def main(argv=None) -> int:
                 ("folder", 2, "test.py", [*torchrun, "--test_images", images]),
                 ("shards", 1, "test.py", [sys.executable, "test.py", "--test_images", shards]),
                 ("shards", 2, "test.py", [*torchrun, "--test_images", shards])]
-        if args.quick:  # each kind of run once: the in-memory script, one process, torchrun, shards
+        if args.quick:  # each kind of run once: one process, torchrun, a folder, shards
             runs = [runs[0], runs[3]]
+        if args.gpu_decode:
+            runs = [run for source, procs, path, cmd in runs
+                    for run in ((source, procs, path, cmd), (source, procs, path + " --gpu_decode", cmd + ["--gpu_decode"]))]
         rows = []
         print(f"{args.images} cached JPEGs, {count} shards, tiny_cnn on {args.device}, {os.cpu_count()} cores, "
               f"OMP_NUM_THREADS={args.threads or 'default'}")
         print(f"{'source':<8} {'procs':>5} {'path':<22} {'wall s':>7} {'images/s':>9} {'peak PSS MB':>12}")
-        base = [("folder", 1, "in-memory (before)", [sys.executable, "-c", IN_MEMORY, ckpt, images])]
-        for n, (source, procs, path, cmd) in enumerate(base + runs):
+        for n, (source, procs, path, cmd) in enumerate(runs):
             out = os.path.join(tmp, f"out{n}")
-            extra = [out] if path.startswith("in-memory") else [*common, "--predictions", out]
-            m = run_measured(cmd + extra)
+            m = run_measured(cmd + [*common, "--predictions", out])
             row = {"source": source, "processes": procs, "path": path, "images": args.images, "shards": count,
                    "device": args.device, "cores": os.cpu_count(), "omp_threads": args.threads, **m, "images_per_s": args.images / m["wall_s"]}
             rows.append(row)
