@@ -1,6 +1,8 @@
 """Preprocessing on the device: the uint8 loader path (workers hand uint8 crops, the
-device converts and normalises) against the float path, and the JPEG decode path
-(engine/score/gpu_decode.py) against the Pillow path, on CPU; CUDA variants skip without a GPU."""
+device converts and normalises) against the float path, and the JPEG decode path of the
+scoring pipeline (engine/score/gpu_decode.py) against the Pillow path, on CPU; CUDA
+variants skip without a GPU."""
+import dataclasses
 import json
 import os
 
@@ -11,14 +13,16 @@ from PIL import Image, ImageOps
 from torch.utils.data import default_collate
 
 from bench.ava_like import ava_like_image
+from conftest import write_tar
 from dataset import ImageDataset, load_rgb
 from dataset.transforms import TTACrops, eval_transform, train_transform, uint8_to_input
-from engine.score import gpu_decode
-from engine.score.gpu_decode import (DeviceJpegDecoder, JpegBytesDataset, apply_orientation, device_decode_loader,
-                               jpeg_header)
-from engine.score.inference import predict
+from dataset.labels import LabelTable
+from dataset.sources import resolve_specs, table_source
 from engine.loaders import make_loader
 from engine.runtime import Runtime, resolve_uint8_transfer
+from engine.score import gpu_decode
+from engine.score.collection import collection_loader, scored_rows
+from engine.score.gpu_decode import DeviceJpegDecoder, JpegBytesDataset, apply_orientation, jpeg_header
 from model import build_model, default_model_args
 
 MODEL_ARGS = {"resize_size": 72, "image_size": 64, "normalize": "imagenet"}
@@ -162,10 +166,22 @@ DEVICE_NAMES = ["o1", "o2", "o3", "o4", "o5", "o6", "o7", "o8", "portrait", "pro
 PILLOW_NAMES = ["cmyk", "png", "truncated", "zero", "missing"]
 
 
-def decode_batch(paths, device, tta=1):
-    dataset = JpegBytesDataset(paths, MODEL_ARGS, tta=tta)
-    batch = default_collate([dataset[i] for i in range(len(paths))])
-    return batch, DeviceJpegDecoder(dataset, MODEL_ARGS, device, tta)(batch)
+def as_sources(paths):
+    """The paths as the one source of a label CSV without labels (ids: their positions)."""
+    table = LabelTable(csv_path="", ids=[str(n) for n in range(len(paths))], paths=list(paths), lines=[], dists=None)
+    return [table_source(table)]
+
+
+def pillow_decoder(tta=1, max_pixels=None):
+    transform = eval_transform(MODEL_ARGS, uint8=True) if tta == 1 else TTACrops(MODEL_ARGS, tta, uint8=True)
+    return ImageDataset([], transform, image_shape=(3, 64, 64) if tta == 1 else (tta, 3, 64, 64), max_pixels=max_pixels)
+
+
+def decode_batch(paths, device, tta=1, max_pixels=None):
+    """One collated batch of the workers' items (read in this process) and its decoded form."""
+    pillow = pillow_decoder(tta, max_pixels)
+    batch = default_collate(list(JpegBytesDataset(as_sources(paths), pillow)))
+    return batch, DeviceJpegDecoder(pillow, MODEL_ARGS, device, tta)(batch)
 
 
 def pillow_crops(paths, tta=1):
@@ -202,7 +218,8 @@ def test_cpu_decode_crops_equal_pillow_crops(jpegs, tta):
     paths = [jpegs[n] for n in DEVICE_NAMES]
     batch, out = decode_batch(paths, "cpu", tta)
     assert all(len(d) > 0 for d in batch["data"])  # all taken by the device path
-    assert out["ok"].all() and set(out) >= {"index", "image", "target", "ok", "error", "warning"}
+    assert out["ok"].all() and set(out) == {"ref", "source", "key", "order", "image", "ok", "error", "warning"}
+    assert out["ref"] == paths and out["order"].tolist() == list(range(len(paths)))
     assert "data" not in out and out["image"].dtype == torch.uint8
     diffs = [(got.float() - ref.float()).abs() for got, ref in zip(out["image"], pillow_crops(paths, tta))]
     assert max(d.max().item() for d in diffs) <= CPU_MAX_DIFF
@@ -222,7 +239,7 @@ def test_files_left_to_pillow_keep_its_crops_and_reasons(jpegs):
     assert out["ok"].tolist() == [True, True, False, False, False, True]
 
 
-def test_files_the_decoder_refuses_go_to_pillow(jpegs, monkeypatch):
+def test_files_the_decoder_refuses_go_to_pillow_from_the_bytes_read(jpegs, tmp_path, monkeypatch):
     real = gpu_decode.decode_jpeg
     refused = open(jpegs["o3"], "rb").read()
 
@@ -233,30 +250,88 @@ def test_files_the_decoder_refuses_go_to_pillow(jpegs, monkeypatch):
         return real(data, **kwargs)
 
     monkeypatch.setattr(gpu_decode, "decode_jpeg", picky)
-    paths = [jpegs["o1"], jpegs["o3"], jpegs["o5"]]
-    _, out = decode_batch(paths, "cpu")
-    assert out["ok"].all()
-    ref = pillow_crops(paths)
+    copy = tmp_path / "o3.jpg"
+    copy.write_bytes(refused)
+    paths = [jpegs["o1"], str(copy), jpegs["o5"]]
+    pillow = pillow_decoder()
+    batch = default_collate(list(JpegBytesDataset(as_sources(paths), pillow)))
+    copy.unlink()  # the file is gone by the time the batch is decoded: Pillow reads the bytes the worker read
+    out = DeviceJpegDecoder(pillow, MODEL_ARGS, "cpu")(batch)
+    assert out["ok"].tolist() == [True, True, True] and out["error"] == ["", "", ""]
+    ref = pillow_crops([jpegs["o1"], jpegs["o3"], jpegs["o5"]])
     assert torch.equal(out["image"][1], ref[1])  # read by Pillow in the main process
     assert (out["image"][0].int() - ref[0].int()).abs().max() <= CPU_MAX_DIFF
 
 
+def test_files_too_elongated_to_resize_go_to_pillow_which_names_why(tmp_path):
+    """A 2000 x 2 strip is 4000 pixels, but resized to a 72 px shorter side it would be
+    72 x 72000 = 5.2 million: above a limit of 10**6 both paths must refuse it, and with
+    the limit one pixel above that both must read it."""
+    strip = tmp_path / "strip.jpg"
+    Image.new("RGB", (2000, 2), (200, 100, 50)).save(strip, quality=90)
+    limit = 72 * 72000
+    for max_pixels, ok in ((10**6, False), (limit - 1, False), (limit, True)):
+        batch, out = decode_batch([str(strip)], "cpu", max_pixels=max_pixels)
+        assert (len(batch["data"][0]) > 0, out["ok"].tolist()) == (ok, [ok]), max_pixels
+        reference = ImageDataset([strip], eval_transform(MODEL_ARGS, uint8=True), image_shape=(3, 64, 64),
+                                 max_pixels=max_pixels)[0]
+        assert (reference["ok"], reference["error"]) == (ok, out["error"][0]), max_pixels
+    assert "too elongated: 2000x2" in decode_batch([str(strip)], "cpu", max_pixels=10**6)[1]["error"][0]
+
+
+def collection_rows(model, model_args, paths, rt, tta=1, workers=0, batch_size=5):
+    """Every (ref, status, text, distribution) scored_rows gives over a collection_loader."""
+    loader = collection_loader(as_sources(paths), model_args, rt, batch_size, workers, tta)
+    return [row for rows in scored_rows(model, loader, rt) for row in rows]
+
+
 @pytest.mark.parametrize("tta", [1, 3])
-def test_device_decode_loader_predicts_as_the_pillow_loader(jpegs, tta):
+def test_device_decode_loader_scores_as_the_pillow_loader(jpegs, tta):
     paths = [jpegs[n] for n in DEVICE_NAMES + PILLOW_NAMES]
     model_args = dict(default_model_args("tiny_cnn"), image_size=64, resize_size=72)
     torch.manual_seed(0)
     model = build_model(model_args, pretrained="none").eval()
     rt = Runtime(torch.device("cpu"), channels_last=True, show_progress=False).for_model(model_args)
-    loader = device_decode_loader(paths, model_args, rt, batch_size=5, workers=1, tta=tta)
-    assert len(loader) == 4
-    transform = eval_transform(model_args) if tta == 1 else TTACrops(model_args, tta)
-    shape = (3, 64, 64) if tta == 1 else (tta, 3, 64, 64)
-    pillow = make_loader(ImageDataset(paths, transform, image_shape=shape), 5, 0, rt)
-    (i_dev, d_dev, e_dev), (i_pil, d_pil, e_pil) = predict(model, loader, rt), predict(model, pillow, rt)
-    assert i_dev == i_pil and e_dev == e_pil and len(e_dev) == 3
+    device = collection_rows(model, model_args, paths, dataclasses.replace(rt, gpu_decode=True), tta, workers=1)
+    pillow = collection_rows(model, model_args, paths, rt, tta)
+    # One worker hands the items in the sources' order, batch by batch, as no worker does.
+    assert [r[:6] for r in device] == [r[:6] for r in pillow] == [(p, 0, str(n), n) + r[4:6] for n, (p, r)
+                                                                   in enumerate(zip(paths, pillow))]
+    assert [r[4] for r in device] == ["ok"] * (len(DEVICE_NAMES) + 2) + ["error"] * 3
+    assert [r[5] for r in device[-3:]] == ["truncated image", "zero-byte file", "file not found"]
     # Crops within one grey level of each other move a small random network's output little.
-    assert np.abs(d_dev - d_pil).max() < 1e-3
+    ok = [n for n, r in enumerate(pillow) if r[4] == "ok"]
+    assert np.abs(np.array([device[n][6] for n in ok]) - np.array([pillow[n][6] for n in ok])).max() < 1e-3
+
+
+def test_device_decode_of_tar_members(jpegs, tmp_path):
+    """Members of a tar shard reach the device decoder as the bytes read from the tar."""
+    names = ["o1", "o6", "grey", "cmyk", "truncated"]
+    write_tar(tmp_path / "s.tar", [(f"{n}.jpg", open(jpegs[n], "rb").read()) for n in names])
+    pillow = pillow_decoder()
+    items = list(JpegBytesDataset(resolve_specs([str(tmp_path / "s.tar")]), pillow))
+    assert [i["key"] for i in items] == names
+    assert [len(i["data"]) > 0 for i in items] == [True, True, True, False, False]
+    out = DeviceJpegDecoder(pillow, MODEL_ARGS, "cpu")(default_collate(items))
+    assert out["ok"].tolist() == [True, True, True, True, False] and out["error"][4] == "truncated image"
+    ref = pillow_crops([jpegs[n] for n in names[:4]])
+    assert max((out["image"][k].int() - ref[k].int()).abs().max().item() for k in range(3)) <= CPU_MAX_DIFF
+    assert torch.equal(out["image"][3], ref[3])  # CMYK: Pillow's crop, in the worker
+
+
+def test_device_decode_items_fall_to_one_rank_each(jpegs, tmp_path):
+    """Under torchrun each process keeps its own share of the collection, as the Pillow
+    path's dataset does: 2 ranks x 2 workers, every item in exactly one slot."""
+    paths = [jpegs[n] for n in DEVICE_NAMES + PILLOW_NAMES]
+    write_tar(tmp_path / "s.tar", [(f"m{n}.jpg", open(jpegs["o1"], "rb").read()) for n in range(6)])
+    sources = as_sources(paths) + resolve_specs([str(tmp_path / "s.tar")])
+    rt = Runtime(torch.device("cpu"), show_progress=False).for_model(MODEL_ARGS)
+    refs = {}
+    for rank in (0, 1):
+        dataset = JpegBytesDataset(sources, pillow_decoder(), rank=rank, world_size=2)
+        refs[rank] = [r for batch in make_loader(dataset, 4, 2, rt) for r in batch["ref"]]
+    everything = paths + [f"{tmp_path / 's.tar'}:m{n}.jpg" for n in range(6)]
+    assert sorted(refs[0] + refs[1]) == sorted(everything) and refs[0] and refs[1]
 
 
 # ----- CUDA: skipped without a GPU -----
@@ -297,9 +372,10 @@ def test_cuda_device_decode_loader_runs_with_workers(jpegs):
     paths = [jpegs[n] for n in DEVICE_NAMES + PILLOW_NAMES] * 3
     model_args = dict(default_model_args("tiny_cnn"), image_size=64, resize_size=72)
     model = build_model(model_args, pretrained="none").cuda().eval()
-    rt = Runtime(torch.device("cuda"), amp=True, channels_last=True, show_progress=False).for_model(model_args)
-    indices, dists, errors = predict(model, device_decode_loader(paths, model_args, rt, 8, 2), rt)
-    assert len(indices) == len(paths) - 9 and len(errors) == 9 and np.isfinite(dists).all()
+    rt = Runtime(torch.device("cuda"), amp=True, channels_last=True, show_progress=False, gpu_decode=True)
+    rows = collection_rows(model, model_args, paths, rt.for_model(model_args), workers=2, batch_size=8)
+    assert sorted(r[3] for r in rows) == list(range(len(paths)))  # every item once, from two workers
+    assert sum(r[4] == "error" for r in rows) == 9 and np.isfinite([r[6] for r in rows if r[4] == "ok"]).all()
     assert os.environ.get("CUDA_VISIBLE_DEVICES") != ""  # the suite's CPU pass hides the GPU
 
 
