@@ -285,7 +285,7 @@ def collection_rows(model, model_args, paths, rt, tta=1, workers=0, batch_size=5
     return [row for rows in scored_rows(model, loader, rt) for row in rows]
 
 
-@pytest.mark.parametrize("tta", [1, 3])
+@pytest.mark.parametrize("tta", [1, pytest.param(3, marks=pytest.mark.slow)])
 def test_device_decode_loader_scores_as_the_pillow_loader(jpegs, tta):
     paths = [jpegs[n] for n in DEVICE_NAMES + PILLOW_NAMES]
     model_args = dict(default_model_args("tiny_cnn"), image_size=64, resize_size=72)
