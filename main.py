@@ -28,6 +28,7 @@ from engine.score.collection import score_to_files
 from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
 from engine.train.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
+from engine.train.card import set_data
 from engine.train.log import RunLog
 from engine.train.setup import UsageError, build_run, check_recipe_flags, read_labels
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
@@ -35,6 +36,7 @@ from engine.train.signals import StopOnSignals, StopRequested
 from engine.train.epoch import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
 from fileio import OutputWriteError, check_writable
 from model import CheckpointError, PretrainedWeightsError, list_backbones, load_for_inference
+from model.card import finish, print_card, read_card
 from model.checkpoint import NORMALIZE_CHOICES
 from model.nima import DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS
 
@@ -218,6 +220,7 @@ def train(args, rt) -> int:
         log(f"warning: {len(shared)} of the {len(val_table)} validation images are also in the training CSV "
             f"(first: {', '.join(shared[:5])}); an overlap inflates every validation figure")
     model, optimizer, scheduler, state, model_args = build_run(args, rt)
+    set_data(state.card, vars(args), len(train_table), len(val_table))
     rt = rt.for_model(model_args)  # uint8 batches are normalised on the device as this model expects
     new_folder = not os.path.isdir(args.ckpt_path)
     if rt.dist.is_main:
@@ -269,14 +272,15 @@ def train(args, rt) -> int:
                 skipped = distributed.gather_union(rt.dist, progress.skipped)
                 warned = distributed.gather_union(rt.dist, progress.warned)  # used, but their decoder warned
                 distributed.broadcast_buffers(rt.dist, model)  # validate exactly the model rank 0 saves
-                val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists)
+                val_means = []  # for the model card's percentiles
+                val, val_errors = evaluate(eval_net, val_loader, rt, val_table.dists, means=val_means)
                 if scheduler is not None:
                     scheduler.step()
                 improved = state.end_epoch(epoch, args.monitor, val[args.monitor[len("val_"):]])
                 record = epoch_record(epoch, train_loss, val, lrs, progress, rt.dist.world_size, skipped, warned, val_errors, frozen)
                 if ckpts is not None:
                     run_log.end_epoch(record)  # before the checkpoints: see MetricsLog
-                    ckpts.end_epoch(state, improved)
+                    ckpts.end_epoch(state, improved, record, val_means)
                 log(f"epoch {epoch}: train EMD {train_loss:.4f}  val EMD {val['emd']:.4f}  val SRCC {val['srcc_mean']:.3f}  "
                     f"val acc {val['accuracy']:.3f}  {record['images_per_second']:.1f} img/s"
                     + ("  (best)" if improved else f"  ({state.epochs_without_improvement} without improvement)")
@@ -299,6 +303,9 @@ def train(args, rt) -> int:
         if new_folder and rt.dist.is_main:
             remove_if_no_checkpoint(args.ckpt_path)
     log(f"done: best {args.monitor} {state.best_value:.4f}; checkpoints in {args.ckpt_path}")
+    warning = finish(state.card)["warning"]
+    if warning and not args.test:  # --test says so when it starts
+        log(f"warning: {warning}")
     return 0
 
 
@@ -323,7 +330,11 @@ def test_split(args, rt) -> int:
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
     table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
-    model, model_args = load_for_inference(path, rt.device, normalize=args.normalize if name != "best.pth" else None)
+    normalize = args.normalize if name != "best.pth" else None
+    model, model_args = load_for_inference(path, rt.device, normalize=normalize)
+    card = read_card(path, normalize)
+    if rt.dist.is_main:
+        print_card(card)
     rt = rt.for_model(model_args)
     if rt.channels_last:  # the inputs are channels_last on CUDA, so the weights are too
         model = model.to(memory_format=torch.channels_last)

@@ -9,7 +9,7 @@ from dataset import ImageDataset, TTACrops, eval_transform
 from model.nima import NUM_BINS
 
 from engine.distributed import gather_objects
-from engine.metrics import compute_metrics
+from engine.metrics import compute_metrics, mean_and_std
 
 
 class BadImageError(RuntimeError):
@@ -75,12 +75,16 @@ def gather_predictions(rt, indices, dists, errors):
     return [indices[k] for k in order], dists[order], errors
 
 
-def evaluate(model, loader, rt, targets, desc="val"):
+def evaluate(model, loader, rt, targets, desc="val", means=None):
     """Metrics over the exact evaluation set (every readable image once, across ranks).
 
-    targets: (N, 10) true distributions indexed like the dataset."""
+    targets: (N, 10) true distributions indexed like the dataset. A list passed as
+    `means` receives the predicted mean of every image scored (the model card's
+    percentiles are computed from them)."""
     indices, dists, errors = gather_predictions(rt, *predict(model, loader, rt, desc=desc))
     if not indices:
         raise BadImageError(f"{desc}: no readable image to evaluate ({len(errors)} unreadable)")
     metrics = compute_metrics(dists, np.asarray(targets)[indices])
+    if means is not None:
+        means.extend(float(m) for m in mean_and_std(dists)[0])
     return metrics, errors

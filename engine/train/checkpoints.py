@@ -15,6 +15,7 @@ import torch
 from model import CheckpointError, save_checkpoint, unwrap
 from model.checkpoint import read_checkpoint_file, read_model_state
 
+from engine.train import card as run_card
 from engine.train.optim import describe_schedule, schedule_spec
 from engine.train.epoch import NonFiniteLossError
 
@@ -43,6 +44,7 @@ class RunState:
     best_value: float = None            # best value of the monitored metric so far (None: no epoch yet)
     epochs_without_improvement: int = 0
     partial_epoch: dict = None          # EpochProgress of an unfinished epoch (mid-epoch checkpoint)
+    card: dict = None                   # the model card (engine/train/card.py), written into every checkpoint
 
     def improves(self, monitor: str, value: float) -> bool:
         return math.isfinite(value) and (self.best_value is None or signed(monitor, value) < signed(monitor, self.best_value))
@@ -171,27 +173,32 @@ class RunCheckpoints:
         self.ckpt_dir, self.args, self.model_args = ckpt_dir, args, dict(model_args)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
-    def state_dict(self, state: RunState) -> dict:
+    def state_dict(self, state: RunState, mid_epoch: bool = False) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "schedule": run_schedule(self.args),
                 "epoch": state.epoch, "best_value": state.best_value,
                 "epochs_without_improvement": state.epochs_without_improvement,
                 "partial_epoch": state.partial_epoch, "monitor": self.args.monitor,
-                "args": dict(vars(self.args)), "model_args": dict(self.model_args)}
+                "args": dict(vars(self.args)), "model_args": dict(self.model_args),
+                "card": run_card.saved(state.card, mid_epoch) if state.card is not None else None}
 
     def save_last(self, state: RunState, progress) -> None:
         """last.pth in the middle of an epoch (every --save_every_steps, or on a signal)."""
         check_finite(self.model, progress)
         state.partial_epoch = progress.to_dict()
-        save_checkpoint(self._path("last.pth"), self.state_dict(state))
+        save_checkpoint(self._path("last.pth"), self.state_dict(state, mid_epoch=True))
 
-    def end_epoch(self, state: RunState, improved: bool) -> None:
+    def end_epoch(self, state: RunState, improved: bool, record: dict = None, val_means=()) -> None:
         """last.pth always; epoch-N.pth (the reference's name) and best.pth when the
         monitored metric improved. Each file is written atomically, last.pth last: a run
         killed in between resumes from the previous epoch and rewrites the others,
-        instead of going on from a last.pth whose best.pth was never written."""
+        instead of going on from a last.pth whose best.pth was never written.
+        record (the epoch's metrics.jsonl line) and val_means (the predicted means of the
+        validation images) update the model card first."""
         check_finite(self.model)
+        if state.card is not None and record is not None:
+            run_card.end_epoch(state.card, state.epoch, record, improved, self.args.monitor, val_means)
         ckpt = self.state_dict(state)
         if improved:
             save_checkpoint(self._path(f"epoch-{state.epoch}.pth"), ckpt)

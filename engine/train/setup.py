@@ -11,10 +11,12 @@ import torch
 from dataset import read_label_csv
 from dataset.mos import check_score_range, clipped_note, read_mos_csv
 from model import build_model, default_model_args
+from model.card import read_card
 from model.nima import DEFAULT_BASE_MODEL, check_model_args
 
 from engine.train.checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
                           read_warm_start, restore, run_schedule)
+from engine.train.card import new_card, resumed_card
 from engine.train.optim import build_optimizer, build_scheduler
 
 
@@ -128,6 +130,7 @@ def build_run(args, rt):
     if resume_ckpt is not None:
         scheduler = build_scheduler(optimizer, run_schedule(args))
         state = restore(resume_ckpt, model, optimizer, scheduler, rt.dist.rank)
+        state.card = resumed_card(resume_ckpt, vars(args), model_args)
         log(f"resumed from epoch {state.epoch}" + (f" (+{state.partial_epoch['steps']} steps)" if state.partial_epoch else ""))
     else:
         if source is not None:
@@ -136,4 +139,6 @@ def build_run(args, rt):
             log(f"{flag} {source}: starting at epoch {state.epoch + 1} with a new optimiser")
         # A warm start at epoch N continues the schedule at epoch N + 1's rates.
         scheduler = build_scheduler(optimizer, run_schedule(args), completed_epochs=state.epoch)
+        parent = read_card(source, args.normalize) if source is not None else None
+        state.card = new_card(vars(args), model_args, parent, source, flag)
     return model, optimizer, scheduler, state, model_args
