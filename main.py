@@ -341,7 +341,7 @@ def test_split(args, rt) -> int:
     result = score_to_files(model, model_args, [table_source(table)], rt, os.path.join(args.ckpt_path, "test"),
                             model_path=path, table=table, batch_size=args.test_batch_size, workers=args.num_workers,
                             tta=args.tta, max_pixels=args.max_image_pixels, score_range=args.score_range,
-                            contact_sheet=args.contact_sheet, title=f"test set ({path})")
+                            contact_sheet=args.contact_sheet, title=f"test set ({path})", card=card)
     return 1 if result is not None and result[2] else 0  # rank 0 reports every rank's unreadable images
 
 

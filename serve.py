@@ -22,6 +22,7 @@ from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from engine.flags import HelpFormatter, add_normalize_flag
 from engine.runtime import configure_backends
 from model import CheckpointError
+from model.card import print_card
 
 API_KEY_ENV = "NIMA_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -113,6 +114,7 @@ def main(args) -> int:
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print_card(scorer.card)  # what the scores come from, and a toy model's warning
     configure_backends(scorer.rt)  # on CUDA as test.py: cuDNN autotuning, no TF32 under --amp off
     size = scorer.model_args["image_size"]
     scorer.score_tensors(torch.zeros(1, 3, size, size))  # first-call set-up now, not in the first request

@@ -33,6 +33,7 @@ from engine.score.predictions import read_predictions
 from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
 from fileio import OutputWriteError
 from model import CheckpointError, load_for_inference
+from model.card import print_card, read_card
 from model.checkpoint import recorded_args
 
 
@@ -156,6 +157,7 @@ def run(args, dist_info, device) -> int:
         _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
         table, sources = collection_inputs(args, score_range)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
+        card = read_card(args.model, args.normalize)
         batch_size = args.batch_size or default_batch_size(device)
         workers = collection_workers(device, sources, args.num_workers, batch_size, args.tta,
                                      peek=len(table) if table is not None else None)
@@ -163,6 +165,8 @@ def run(args, dist_info, device) -> int:
         if dist_info.is_main:
             print(f"error: {exc}", file=sys.stderr)
         return 2
+    if dist_info.is_main:
+        print_card(card)  # what the scores will come from, and a toy model's warning
     amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
     rt = Runtime(device=device, amp=amp, channels_last=channels_last, dist=dist_info, show_progress=not args.quiet,
                  uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device),
@@ -175,7 +179,7 @@ def run(args, dist_info, device) -> int:
                                 batch_size=batch_size, workers=workers, tta=args.tta, max_pixels=args.max_image_pixels,
                                 resume=args.resume, part_size=args.part_size, score_range=score_range,
                                 output_format=args.output_format, contact_sheet=args.contact_sheet,
-                                keep_parts=args.keep_parts)
+                                keep_parts=args.keep_parts, card=card)
         if result is None:
             return 0  # rank 0 merged and reports every rank's errors
         ids, openers, errors = result

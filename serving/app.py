@@ -5,7 +5,8 @@ the dynamic batcher.
     POST /explain  the same uploads -> heat maps (serving/explain.py)
     POST /enhance  the same uploads -> enhanced photos and a parameter sweep
     GET  /health   liveness, never touches the model
-    GET  /model    the checkpoint, model_args, device, preprocessing and limits
+    GET  /model    the checkpoint, its model card (with `toy` and `warning`), model_args, device,
+                   preprocessing and limits
     GET  /metrics  Prometheus text format
     GET  /docs     OpenAPI docs (FastAPI's Swagger UI, its assets served from here)
     GET  /         the web page (serving/pages.py, serving/static/)
@@ -126,7 +127,8 @@ class ScoringService:
 
     def model_info(self) -> dict:
         args, c = self.scorer.model_args, self.config
-        return {"checkpoint": c.checkpoint, "model_args": args, "device": self.device, "bf16": self.scorer.rt.amp,
+        return {"checkpoint": c.checkpoint, "card": self.scorer.card, "model_args": args, "device": self.device,
+                "bf16": self.scorer.rt.amp,
                 "preprocessing": {"decode": "first frame, EXIF orientation applied, any mode to RGB "
                                             "(transparency on white, 16-bit scaled), as test.py",
                                   "resize_shorter_side": args["resize_size"], "crop": f"centre {args['image_size']}",
@@ -147,7 +149,8 @@ class ScoringService:
             s = await self.batcher.submit(tensor)
         except BatcherStopped as exc:
             raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
-        return {"filename": upload.filename, "mean": s.mean, "std": s.std, "distribution": s.distribution}, ""
+        return {"filename": upload.filename, "mean": s.mean, "std": s.std, "distribution": s.distribution,
+                "percentile": s.percentile}, ""
 
     async def read_photo(self, upload, max_side: int) -> tuple:
         """(upright RGB image at most max_side long, '', '') or (None, error kind, reason),
@@ -242,7 +245,7 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
     async def health():
         return {"status": "ok"}
 
-    @app.get("/model", summary="The checkpoint, model_args, device, preprocessing and limits",
+    @app.get("/model", summary="The checkpoint, its model card, model_args, device, preprocessing and limits",
              responses={401: ERROR_ANSWERS[401]}, dependencies=KEY_SCHEMES)
     async def model(request: Request):
         service.check_key(request)

@@ -27,6 +27,7 @@ class ImageScore(BaseModel):
     mean: float
     std: float
     distribution: List[float]
+    percentile: Optional[float]  # share (0..100) of the model's validation images it scored lower; null without
 
 
 class ImageError(BaseModel):

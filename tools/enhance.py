@@ -35,6 +35,7 @@ from engine.flags import HelpFormatter
 from engine.explain.pixels import safe_name
 from fileio import OutputWriteError, atomic_path, atomic_write_json
 from model import CheckpointError, load_for_inference
+from model.card import print_card, read_card
 from model.checkpoint import NORMALIZE_CHOICES
 
 DEFAULT_STEPS = {"enhance": 30, "sweep": 7}
@@ -124,9 +125,11 @@ def main(args) -> int:
         names, steps, jobs = check_args(args)
         device = pick_device(args.device)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
+        card = read_card(args.model, args.normalize)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    print_card(card)  # what the scores come from, and a toy model's warning
     failed = 0
     bar = tqdm(jobs, desc="enhance", disable=args.quiet or len(jobs) == 1, dynamic_ncols=True)
     for photo, out in bar:

@@ -74,13 +74,14 @@ class Progress:
 
 def score_to_files(model, model_args, sources, rt, out_dir, *, model_path, batch_size, workers, table=None, tta=1,
                    max_pixels=None, resume=False, part_size=PART_SIZE, score_range=None, output_format="csv",
-                   contact_sheet=0, title=None, keep_parts=False):
+                   contact_sheet=0, title=None, keep_parts=False, card=None):
     """Score every image of `sources` into the prediction files of out_dir: every
     process scores its share into parts (score_collection); once all have, rank 0 merges
     them, draws the pictures and prints the report (merge_and_report), then removes the
     parts unless `keep_parts`. `table`: the LabelTable of a table source (its labels give
-    the metrics, its rows the order). Returns (ids, Openers, errors) on rank 0, None on
-    the other ranks. Raises PartsResumeError or OutputWriteError as score_collection."""
+    the metrics, its rows the order); `card`: the model card (write_predictions'). Returns
+    (ids, Openers, errors) on rank 0, None on the other ranks. Raises PartsResumeError or
+    OutputWriteError as score_collection."""
     score_collection(model, model_args, sources, rt, out_dir, model_path=model_path, batch_size=batch_size,
                      workers=workers, tta=tta, max_pixels=max_pixels, resume=resume, part_size=part_size,
                      total=len(table) if table is not None else None)
@@ -89,7 +90,7 @@ def score_to_files(model, model_args, sources, rt, out_dir, *, model_path, batch
         return None  # rank 0 merges and reports every rank's errors
     result = merge_and_report(parts_dir(out_dir), sources, out_dir, model_args, table=table, score_range=score_range,
                               output_format=output_format, contact_sheet=contact_sheet, max_pixels=max_pixels,
-                              title=title)
+                              title=title, card=card)
     if not keep_parts:
         remove_parts(parts_dir(out_dir))
     return result

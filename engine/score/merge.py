@@ -157,16 +157,16 @@ def write_parquet(csv_path, parquet_path) -> None:
 
 
 def merge_and_report(folder, sources, out_dir, model_args, *, table=None, score_range=None, output_format="csv",
-                     contact_sheet=0, max_pixels=None, title=None):
+                     contact_sheet=0, max_pixels=None, title=None, card=None):
     """Write the prediction files from the parts in `folder`, draw the pictures, print
-    the report (its first line starting with `title` when given). Returns (ids,
-    Openers, errors)."""
+    the report (its first line starting with `title` when given; card: the model card, as
+    write_predictions'). Returns (ids, Openers, errors)."""
     m = read_parts(folder, sources)
     true = None
     if table is not None and table.dists is not None:
         true = np.asarray(table.dists)[np.asarray(m.order, dtype=np.int64)] if len(m) else np.zeros((0, 10))
     warned = [(m.refs[i], text) for i, text in m.warn]
-    metrics = write_predictions(out_dir, m.ids, m.dists, true, m.errors, warned, model_args, score_range)
+    metrics = write_predictions(out_dir, m.ids, m.dists, true, m.errors, warned, model_args, score_range, card)
     written = ["pred.txt"]
     csv_path, parquet_path = os.path.join(out_dir, "predictions.csv"), os.path.join(out_dir, "predictions.parquet")
     if write_or_remove(parquet_path, output_format == "parquet", lambda p: write_parquet(csv_path, p)):

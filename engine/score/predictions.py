@@ -7,6 +7,7 @@ import sys
 
 from dataset.mos import from_bins
 from fileio import atomic_write_json, atomic_write_text, write_or_remove
+from model.card import percentiles
 
 from engine.metrics import compute_metrics, format_table, mean_and_std, score_metrics
 
@@ -24,27 +25,31 @@ def scaled_metrics(pred_mean, true_mean, score_range) -> dict:
 
 
 def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warned=(), model_args=None,
-                      score_range=None) -> dict:
+                      score_range=None, card=None) -> dict:
     """Write predictions.csv, pred.txt, metrics.json (with labels), errors.csv (when some
     inputs failed) and warnings.csv (path, warning: scored images whose decoder warned)
     into `out_dir`, replacing a previous run's files. Returns the metrics ({} without labels).
     model_args: recorded in metrics.json (key `model_args`), so the preprocessing a score
     was made with (normalize, sizes) stays with it. score_range (LO, HI) of a MOS data set:
     predictions.csv gets `mean_scaled` (and `gt_mean_scaled`) on that scale, and metrics
-    `scaled` (scaled_metrics)."""
+    `scaled` (scaled_metrics). card: the model's card (model/card.py), embedded in
+    metrics.json; with its percentiles, predictions.csv's `percentile` column is filled
+    in (left empty without)."""
     os.makedirs(out_dir, exist_ok=True)
     pred_mean, pred_std = mean_and_std(pred_dists)
+    quantiles = ((card or {}).get("percentiles") or {}).get("quantiles")
+    pct = [f"{p:.2f}" for p in percentiles(pred_mean, quantiles)] if quantiles and len(ids) else [""] * len(ids)
     has_gt = true_dists is not None and len(ids) > 0
     if has_gt:
         gt_mean, gt_std = mean_and_std(true_dists)
     table, lines = io.StringIO(), []
     writer = csv.writer(table, lineterminator="\n")
     scaled = score_range is not None
-    writer.writerow(["image_id", "mean"] + (["mean_scaled"] if scaled else []) + ["std"] + [f"p{k}" for k in range(1, 11)]
+    writer.writerow(["image_id", "mean"] + (["mean_scaled"] if scaled else []) + ["std", "percentile"] + [f"p{k}" for k in range(1, 11)]
                     + (["gt_mean"] + (["gt_mean_scaled"] if scaled else []) + ["gt_std"] if has_gt else []))
     for n, image_id in enumerate(ids):
         row = [image_id, _fmt(pred_mean[n])] + ([_fmt(from_bins(pred_mean[n], score_range))] if scaled else [])
-        row += [_fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
+        row += [_fmt(pred_std[n]), pct[n]] + [_fmt(p) for p in pred_dists[n]]
         line = f"{image_id} mean: {pred_mean[n]:.3f} | std: {pred_std[n]:.3f}"
         if has_gt:
             row += [_fmt(gt_mean[n])] + ([_fmt(from_bins(gt_mean[n], score_range))] if scaled else []) + [_fmt(gt_std[n])]
@@ -56,7 +61,7 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
     metrics = compute_metrics(pred_dists, true_dists) if has_gt else {}
     if metrics and scaled:
         metrics["scaled"] = scaled_metrics(pred_mean, gt_mean, score_range)
-    record = dict(metrics, **({"model_args": dict(model_args)} if model_args else {}))
+    record = dict(metrics, **({"model_args": dict(model_args)} if model_args else {}), **({"card": card} if card else {}))
     write_or_remove(os.path.join(out_dir, "metrics.json"), bool(metrics), lambda p: atomic_write_json(p, record))
     err = io.StringIO()
     csv.writer(err, lineterminator="\n").writerows([("path", "reason"), *errors])

@@ -3,7 +3,7 @@ PIL images or image files.
 
     from engine.score.scorer import Scorer
     scorer = Scorer.from_checkpoint("ckpts/best.pth")        # or the released VGG16 file
-    s = scorer.score("photo.jpg")                            # Score(mean=5.41, std=1.52, distribution=[...])
+    s = scorer.score("photo.jpg")                            # Score(mean=5.41, std=1.52, distribution=[...], percentile=...)
     scores = scorer.score(["a.jpg", "b.png", Image.open("c.webp")])
 
 The numbers are the ones test.py writes: the same checkpoint loader, the same decoding
@@ -13,6 +13,7 @@ the same batched forward pass.
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from PIL import Image
@@ -20,6 +21,7 @@ from PIL import Image
 from dataset.images import ImageReadError, check_max_pixels, load_rgb, upright_rgb
 from dataset.transforms import MAX_TTA
 from model import load_for_inference
+from model.card import percentiles, read_card
 
 from engine.distributed import pick_device
 from engine.explain.heatmaps import explain_image
@@ -34,12 +36,17 @@ class Score:
     mean: float          # sum_i i * p_i over ratings 1..10
     std: float           # sqrt(sum_i p_i (i - mean)^2)
     distribution: list   # 10 probabilities p_1..p_10, summing to 1
+    # 0..100: the share of the model's validation (or calibration) images it scored lower
+    # (model/card.py); None when the checkpoint's card has no percentiles.
+    percentile: Optional[float] = None
 
 
 class Scorer:
-    def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = None):
+    def __init__(self, model, model_args: dict, rt: Runtime, tta: int = 1, batch_size: int = None, card: dict = None):
         """batch_size: network inputs per forward pass (crops under TTA), as test.py's, and
-        with its default (8 on a CPU, where VGG16's memory grows with the batch; 64 on CUDA)."""
+        with its default (8 on a CPU, where VGG16's memory grows with the batch; 64 on CUDA).
+        card: the checkpoint's model card (model/card.py); its percentiles fill in
+        Score.percentile."""
         batch_size = default_batch_size(rt.device) if batch_size is None else batch_size
         if not 1 <= tta <= MAX_TTA:
             raise ValueError(f"tta must be between 1 and {MAX_TTA}, got {tta}")
@@ -49,6 +56,8 @@ class Scorer:
         self.tta, self.batch_size = tta, batch_size
         self.transform = inference_transform(model_args, tta)
         self.max_image_pixels = None  # None: Pillow's limit
+        self.card = card
+        self.quantiles = ((card or {}).get("percentiles") or {}).get("quantiles")
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = None, amp="auto",
@@ -62,7 +71,8 @@ class Scorer:
         use_amp, channels_last = resolve_speed_flags(amp, "auto", device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
-        scorer = cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size)
+        scorer = cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size,
+                     card=read_card(path, normalize))
         scorer.max_image_pixels = check_max_pixels(max_image_pixels)
         return scorer
 
@@ -103,7 +113,13 @@ class Scorer:
     def _scores(self, batches) -> list:
         _, dists, _ = predict(self.model, batches, self.rt, desc="score")
         means, stds = mean_and_std(dists)
-        return [Score(float(m), float(s), [float(p) for p in d]) for m, s, d in zip(means, stds, dists)]
+        return [Score(float(m), float(s), [float(p) for p in d], pct)
+                for m, s, d, pct in zip(means, stds, dists, self._percentiles(means))]
+
+    def _percentiles(self, means) -> list:
+        if not self.quantiles or len(means) == 0:
+            return [None] * len(means)
+        return [float(p) for p in percentiles(means, self.quantiles)]
 
     def _input(self, item) -> torch.Tensor:
         """One item -> its network input; any failure, decoding or transforming (a 0 x 0
@@ -134,4 +150,4 @@ class Scorer:
         engine/explain/heatmaps.py), and the Score of the centre crop it explains (tta=1's)."""
         heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device)
         means, stds = mean_and_std(dist[None])
-        return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist])
+        return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist], self._percentiles(means)[0])
