@@ -160,6 +160,37 @@ def to_input(crop, normalize):
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
+def hand_quantiles(values):
+    """101 quantiles by hand: level k % sits at position k * (n - 1) / 100 of the sorted
+    values, between its two neighbours by linear interpolation."""
+    v, out = sorted(values), []
+    for k in range(101):
+        pos = k * (len(v) - 1) / 100
+        lo = int(pos)
+        hi = min(lo + 1, len(v) - 1)
+        out.append(v[lo] + (v[hi] - v[lo]) * (pos - lo))
+    return out
+
+
+def hand_percentile(x, q):
+    """The share (%) of a set scored lower than x, read off its 101 quantiles q: 0 at or
+    below the lowest, 100 above the highest, else k - 1 plus the fraction of the way from
+    q[k-1] to q[k], where q[k] is the first quantile at or above x."""
+    if x <= q[0]:
+        return 0.0
+    if x > q[-1]:
+        return 100.0
+    k = next(i for i, v in enumerate(q) if v >= x)
+    return (k - 1) + (x - q[k - 1]) / (q[k] - q[k - 1])
+
+
+def percentile_written_ok(mean, written, q) -> bool:
+    """Whether a predictions.csv percentile (2 decimals) fits its mean (6 decimals, so the
+    unrounded mean is within 5e-7 of it): hand_percentile of the mean's range, +-0.005."""
+    lo, hi = hand_percentile(mean - 5e-7, q), hand_percentile(mean + 5e-7, q)
+    return lo - 0.0051 <= written <= hi + 0.0051
+
+
 def small_args(name, **extra):
     """model_args at a small input, to keep the CPU tests fast: 64 px, so that the last
     feature maps are still 2x2 (batch-norm statistics over a batch of 2 at 1x1 make the
