@@ -2,11 +2,6 @@
 without unreadable ones; a bare state_dict becoming a checkpoint of ours), and the
 percentiles it stores as the Scorer, POST /score and GET /model give them."""
 import json
-import os
-import re
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -14,15 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, hand_percentile, hand_quantiles, percentile_written_ok, read_rows, run_test
+from conftest import Server, hand_percentile, hand_quantiles, percentile_written_ok, read_rows, run_test
 from engine.score.scorer import Scorer
 from model import build_model, default_model_args
 from model.card import MIN_PERCENTILE_IMAGES, read_card, summary_line
 from serving import ServeConfig
 from serving.app import ScoringService
 from tools import calibrate, make_demo_data
-
-START_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -168,30 +161,19 @@ def test_serve_prints_the_card_and_answers_percentiles(photos, tiny_ckpt, tmp_pa
     assert calibrate.main(calibrate_args(tmp_path / "scratch.pth", write_csv(tmp_path / "set.csv", rows), data / "images",
                                          tmp_path / "toy.pth")) == 0
     quantiles = read_card(tmp_path / "toy.pth")["percentiles"]["quantiles"]
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(tmp_path / "toy.pth"), "--host", "127.0.0.1",
-                             "--port", "0", "--device", "cpu", "--workers", "1", "--log_level", "warning"],
-                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"})
+    server = Server(tmp_path / "toy.pth", tmp_path / "serve.log").wait_ready()
     try:
-        url, deadline = None, time.monotonic() + START_TIMEOUT_S
-        while url is None and time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", (tmp_path / "serve.log").read_text())
-            url = found.group(1) if found else time.sleep(0.2)
-        assert url, (tmp_path / "serve.log").read_text()
-        output = (tmp_path / "serve.log").read_text()
+        output = server.output()
         assert output.count("warning: toy model: tiny_cnn trained from scratch") == 1
         assert "model: tiny_cnn (from scratch), written before checkpoints carried a model card" in output
-        info = httpx.get(url + "/model", timeout=60).json()
+        info = httpx.get(server.url + "/model", timeout=60).json()
         assert info["card"]["toy"] is True and info["card"]["warning"].startswith("toy model: tiny_cnn")
         assert info["card"]["percentiles"]["quantiles"] == quantiles and str(tmp_path) not in json.dumps(info)
         image = data / "images" / f"{rows[0].split(',')[0]}.jpg"
-        answer = httpx.post(url + "/score", files=[("file", ("a.jpg", image.read_bytes(), "image/jpeg"))], timeout=60)
+        answer = httpx.post(server.url + "/score", files=[("file", ("a.jpg", image.read_bytes(), "image/jpeg"))],
+                            timeout=60)
         result = answer.json()["results"][0]
         assert answer.status_code == 200
         assert result["percentile"] == pytest.approx(hand_percentile(result["mean"], quantiles), abs=1e-9)
     finally:
-        proc.kill()
-        proc.wait(timeout=30)
-        log.close()
+        server.stop()
