@@ -256,3 +256,20 @@ def test_model_card_refuses_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
         assert model_card.main([str(path)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and str(path) in err and "Traceback" not in err
+
+
+def test_git_commit_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
+    """The commit of the checkout whose top folder the project is; None outside git, and
+    None for a copy inside another repository's tree (that commit is not the project's)."""
+    from engine.train import card as run_card
+    assert run_card.git_commit() == head_commit()
+    monkeypatch.setattr(run_card, "ROOT", str(tmp_path))
+    assert run_card.git_commit() is None  # not a repository
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    commit = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert run_card.git_commit() == commit and len(commit) == 40
+    (tmp_path / "vendored copy").mkdir()
+    monkeypatch.setattr(run_card, "ROOT", str(tmp_path / "vendored copy"))
+    assert run_card.git_commit() is None

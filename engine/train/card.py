@@ -13,13 +13,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def git_commit():
-    """The project's commit (40 hex digits) when it runs from a git checkout, else None."""
+    """The project's commit (40 hex digits) when it runs from its own git checkout, else
+    None (no git, or the project copied into some other repository's tree)."""
     try:
-        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "-C", ROOT, "rev-parse", "--show-toplevel", "HEAD"], capture_output=True, text=True,
+                             timeout=10)
     except (OSError, subprocess.SubprocessError):  # no git, or it hung
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and len(commit) == 40 else None
+    lines = out.stdout.splitlines()  # the top folder (its name may hold spaces), then the commit
+    if out.returncode != 0 or len(lines) != 2 or os.path.realpath(lines[0]) != os.path.realpath(ROOT):
+        return None
+    return lines[1] if len(lines[1]) == 40 else None
 
 
 def _pretrained(value):
