@@ -273,3 +273,34 @@ def test_git_commit_only_from_the_projects_own_checkout(tmp_path, monkeypatch):
     (tmp_path / "vendored copy").mkdir()
     monkeypatch.setattr(run_card, "ROOT", str(tmp_path / "vendored copy"))
     assert run_card.git_commit() is None
+
+
+@pytest.mark.slow
+def test_a_run_started_from_a_checkpoint_inherits_its_origin(run, tmp_path):
+    """--init_from our toy model: still from scratch, and its images count with the new run's."""
+    assert run_main(tiny_train_args(run["data"], tmp_path / "ck", "--epochs", "1", "--init_from",
+                                    run["ckpt"] / "best.pth")) == 0
+    card, parent = card_of(tmp_path / "ck" / "best.pth"), card_of(run["ckpt"] / "best.pth")
+    assert card["started_from"] == {"checkpoint": "best.pth", "flag": "--init_from", "kind": "training",
+                                    "images_total": parent["images_total"]}
+    assert card["from_scratch"] is True and card["images_total"] == 53 + 53 and card["toy"] is True
+    assert card["created"] > parent["created"] and card["epochs"] == 1
+    assert summary_line(card).startswith("model: tiny_cnn (from best.pth (--init_from)), trained on 53 images")
+
+
+def test_a_fine_tune_of_a_released_model_is_not_a_toy():
+    """Started from the reference's release (AVA-trained, its count unknown): a few hundred
+    photos of one's own make no toy; from our toy model they do."""
+    from engine.train.card import new_card, set_data
+    args = {"base_model": "vgg16", "num_classes": 10, "dropout": 0.75, "image_size": 224, "resize_size": 256,
+            "normalize": "none", "head": "reference"}
+    flags = {"pretrained": "imagenet", "train_csv_file": "/data/mine.csv", "val_csv_file": "/data/mine_val.csv"}
+    card = new_card(flags, args, released_card(None), "/models/epoch-82.pth", "--init_from")
+    set_data(card, flags, 400, 100)
+    assert card["started_from"] == {"checkpoint": "epoch-82.pth", "flag": "--init_from", "kind": "released",
+                                    "images_total": None}
+    assert card["images_total"] is None and finish(card)["toy"] is False
+    toy_parent = finish(dict(card, from_scratch=True, images_total=400, started_from=None))
+    card = new_card(flags, args, toy_parent, "/models/best.pth", "--warm_start")
+    set_data(card, flags, 400, 100)
+    assert card["images_total"] == 800 and finish(card)["toy"] is True and "from scratch" in card["warning"]
