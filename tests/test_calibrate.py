@@ -106,11 +106,34 @@ def test_calibrate_usage_errors(photos, tiny_ckpt, tmp_path, capsys):
                         (calibrate_args(tiny_ckpt, csv, tmp_path / "none", tmp_path / "x.pth"), "--img_path"),
                         (calibrate_args(tiny_ckpt, csv, data / "images", tmp_path / "x.pth", "--batch_size", "0"), "--batch_size"),
                         (calibrate_args(tmp_path / "missing.pth", csv, data / "images", tmp_path / "x.pth"), "missing.pth"),
-                        (calibrate_args(tiny_ckpt, tmp_path / "missing.csv", data / "images", tmp_path / "x.pth"), "missing.csv")):
+                        (calibrate_args(tiny_ckpt, tmp_path / "missing.csv", data / "images", tmp_path / "x.pth"), "missing.csv"),
+                        (calibrate_args(tiny_ckpt, csv, data / "images", tmp_path / "x.pth", "--score_range", "1", "5"),
+                         "--score_range goes with --label_format mos"),
+                        (calibrate_args(tiny_ckpt, csv, data / "images", tmp_path / "x.pth", "--label_format", "mos"),
+                         "needs --score_range")):
         assert calibrate.main(args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and words in err and "Traceback" not in err
     assert not (tmp_path / "x.pth").exists()
+
+
+@pytest.mark.slow
+def test_calibrate_takes_mos_labels(photos, tiny_ckpt, tmp_path, capsys):
+    """A MOS CSV (image_id,mos on 1..5): read with --label_format mos --score_range; the
+    figures kept, the quantiles those of the predicted means (bins 1..10, as predictions.csv's `mean`)."""
+    data, rows, _ = photos
+    ids = [line.split(",")[0] for line in rows[:MIN_PERCENTILE_IMAGES]]
+    csv = write_csv(tmp_path / "mos.csv", ["image_id,mos"] + [f"{i},{1 + 4 * n / len(ids):.3f}" for n, i in enumerate(ids)])
+    out = tmp_path / "mos.pth"
+    assert calibrate.main(calibrate_args(tiny_ckpt, csv, data / "images", out, "--label_format", "mos",
+                                         "--score_range", "1", "5")) == 0
+    pct = read_card(out)["percentiles"]
+    assert pct["images"] == MIN_PERCENTILE_IMAGES and np.isfinite(pct["srcc_mean"]) and np.isfinite(pct["emd"])
+    assert "SRCC mean" in capsys.readouterr().out  # the set's table
+    assert run_test(["--model", tiny_ckpt, "--test_images", data / "images", "--predictions", tmp_path / "p",
+                     "--quiet"]) == 1  # the folder's broken.jpg
+    means = {r["image_id"]: float(r["mean"]) for r in read_rows(tmp_path / "p")}
+    assert pct["quantiles"] == pytest.approx(hand_quantiles([means[f"{i}.jpg"] for i in ids]), abs=2e-6)
 
 
 @pytest.mark.slow
