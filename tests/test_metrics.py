@@ -206,8 +206,9 @@ def test_test_py_with_labels_writes_metrics_json_and_prints_table(demo_data, tmp
                      demo_data / "images", "--predictions", out, "--workers", "0", "--quiet"]) == 0
     printed = capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == ALL_KEYS | {"model_args"}  # the preprocessing the scores were made with
+    assert set(metrics) == ALL_KEYS | {"model_args", "card"}  # the preprocessing the scores were made with, the model card
     assert metrics.pop("model_args")["base_model"] == "tiny_cnn"
+    assert metrics.pop("card")["kind"] == "older checkpoint"  # tiny_checkpoint writes no card
     assert metrics["n"] == 9  # every test image once
     assert "paper VGG16" in printed and "this run" in printed and "SRCC mean" in printed
     assert format_table(metrics) in printed

@@ -177,6 +177,7 @@ def test_percentiles_against_quantiles_of_the_validation_predictions_by_hand(run
     assert run_test(["--model", best, "--test_csv_file", run["data"] / "test_labels.csv", "--test_images",
                      run["data"] / "images", "--predictions", tmp_path / "test", "--quiet"]) == 0
     rows = read_rows(tmp_path / "test")
+    assert list(rows[0]) == ["image_id", "mean", "std", *(f"p{k}" for k in range(1, 11)), "gt_mean", "gt_std", "percentile"]
     q = card["percentiles"]["quantiles"]
     for r in rows:
         mean, pct = float(r["mean"]), float(r["percentile"])

@@ -45,16 +45,16 @@ def write_predictions(out_dir, ids, pred_dists, true_dists=None, errors=(), warn
     table, lines = io.StringIO(), []
     writer = csv.writer(table, lineterminator="\n")
     scaled = score_range is not None
-    writer.writerow(["image_id", "mean"] + (["mean_scaled"] if scaled else []) + ["std", "percentile"] + [f"p{k}" for k in range(1, 11)]
-                    + (["gt_mean"] + (["gt_mean_scaled"] if scaled else []) + ["gt_std"] if has_gt else []))
+    writer.writerow(["image_id", "mean"] + (["mean_scaled"] if scaled else []) + ["std"] + [f"p{k}" for k in range(1, 11)]
+                    + (["gt_mean"] + (["gt_mean_scaled"] if scaled else []) + ["gt_std"] if has_gt else []) + ["percentile"])
     for n, image_id in enumerate(ids):
         row = [image_id, _fmt(pred_mean[n])] + ([_fmt(from_bins(pred_mean[n], score_range))] if scaled else [])
-        row += [_fmt(pred_std[n]), pct[n]] + [_fmt(p) for p in pred_dists[n]]
+        row += [_fmt(pred_std[n])] + [_fmt(p) for p in pred_dists[n]]
         line = f"{image_id} mean: {pred_mean[n]:.3f} | std: {pred_std[n]:.3f}"
         if has_gt:
             row += [_fmt(gt_mean[n])] + ([_fmt(from_bins(gt_mean[n], score_range))] if scaled else []) + [_fmt(gt_std[n])]
             line += f" | GT: {gt_mean[n]:.3f}"
-        writer.writerow(row)
+        writer.writerow(row + [pct[n]])  # last: the columns before it keep their places
         lines.append(line)
     atomic_write_text(os.path.join(out_dir, "predictions.csv"), table.getvalue())
     atomic_write_text(os.path.join(out_dir, "pred.txt"), "".join(l + "\n" for l in lines))
