@@ -25,16 +25,19 @@ import os
 import sys
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from dataset import LabelFileError, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
+from dataset.sources import table_source
 from engine.distributed import pick_device
 from engine.flags import HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size, default_workers
 from engine.metrics import compute_metrics, format_table, mean_and_std
-from engine.runtime import Runtime, resolve_speed_flags
-from engine.score.inference import score_images
+from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
+from engine.score.collection import collection_loader, scored_rows
 from model import CheckpointError, load_for_inference, save_checkpoint, strip_wrapper_prefixes
 from model.card import MIN_PERCENTILE_IMAGES, card_from_checkpoint, finish, now, print_card, quantiles_of
 from model.checkpoint import is_released_state_dict, read_checkpoint_file, recorded_args
@@ -103,6 +106,31 @@ def calibrated(ckpt, card, model_args) -> dict:
     return dict(ckpt, card=card)
 
 
+def score_set(model, model_args, table, device, args) -> tuple:
+    """(row indices, (N, 10) distributions, [(path, reason)]) of the table's images, scored
+    as test.py scores them: the same loader, test.py's default speed flags."""
+    amp, channels_last = resolve_speed_flags("auto", "auto", device)
+    rt = Runtime(device, amp, channels_last, show_progress=not args.quiet,
+                 uint8_transfer=resolve_uint8_transfer("auto", device)).for_model(model_args)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    batch_size = args.batch_size or default_batch_size(device)
+    workers = args.num_workers if args.num_workers is not None else default_workers(device, len(table), batch_size)
+    loader = collection_loader([table_source(table)], model_args, rt, batch_size, workers, max_pixels=args.max_image_pixels)
+    indices, dists, failures = [], [], []
+    batches = -(-len(table) // batch_size)  # the loader streams: its length is the table's, in batches
+    for rows in tqdm(scored_rows(model, loader, rt), desc="calibrate", total=batches, disable=not rt.progress,
+                     dynamic_ncols=True, leave=False):
+        for ref, _, _, order, status, text, dist in rows:
+            if status == "ok":
+                indices.append(order)
+                dists.append(dist)
+            else:
+                failures.append((ref, text))
+    order = np.argsort(indices, kind="stable")  # the CSV's row order
+    return [indices[k] for k in order], np.asarray(dists, dtype=np.float64).reshape(-1, 10)[order], failures
+
+
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
@@ -116,14 +144,9 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_card(card)
-    amp, channels_last = resolve_speed_flags("auto", "auto", device)  # test.py's defaults, so its scores
-    rt = Runtime(device, amp, channels_last, show_progress=not args.quiet).for_model(model_args)
-    batch_size = args.batch_size or default_batch_size(device)
-    workers = args.num_workers if args.num_workers is not None else default_workers(device, len(table), batch_size)
-    indices, dists, failures = score_images(model, model_args, table.paths, rt, batch_size, workers,
-                                            max_pixels=args.max_image_pixels)
-    for i, reason in failures[:10]:
-        print(f"  unreadable: {table.paths[i]}: {reason}", file=sys.stderr)
+    indices, dists, failures = score_set(model, model_args, table, device, args)
+    for ref, reason in failures[:10]:
+        print(f"  unreadable: {ref}: {reason}", file=sys.stderr)
     if len(indices) < MIN_PERCENTILE_IMAGES:
         print(f"error: only {len(indices)} of the {len(table)} images of {args.csv} could be read; percentiles need "
               f"at least {MIN_PERCENTILE_IMAGES}: nothing written", file=sys.stderr)
