@@ -20,7 +20,7 @@ ROWS = [("rocket.jpg", [0, 1, 2, 5, 9, 6, 3, 1, 0, 0]), ("china.jpg", [1, 2, 3, 
         ("gone.jpg", [0, 0, 0, 2, 5, 7, 4, 1, 0, 0]), ("coffee.png", [0, 0, 1, 1, 3, 6, 8, 5, 2, 1]),
         ("flower_tall.jpg", [0, 1, 1, 2, 4, 8, 6, 2, 1, 0]), ("astronaut.jpg", [1, 1, 2, 3, 7, 6, 4, 2, 1, 1])]
 SCORED = ["rocket.jpg", "china.jpg", "grace_grey.jpg", "coffee.png", "flower_tall.jpg", "astronaut.jpg"]
-COLUMNS = ["image_id", "mean", "std"] + [f"p{k}" for k in range(1, 11)] + ["gt_mean", "gt_std"]
+COLUMNS = ["image_id", "mean", "std"] + [f"p{k}" for k in range(1, 11)] + ["gt_mean", "gt_std", "percentile"]
 
 
 def at_resize_size(name, portrait=False, mode="RGB"):
