@@ -112,6 +112,10 @@ def test_ddp_run_writes_one_set_of_outputs(ddp_run):
         keys = list(load(ckpt / name)["model"])
         assert keys and not any("module." in k or "_orig_mod." in k for k in keys), name
     assert load(ckpt / "last.pth")["epoch"] == 2
+    # The model card: rank 0's, with the gathered validation figures of the best epoch.
+    card, best = load(ckpt / "best.pth")["card"], min(records, key=lambda r: r["val_emd"])
+    assert card["epochs"] == best["epoch"] and card["best"]["epoch"] == best["epoch"]
+    assert card["best"]["val_srcc_mean"] == best["val_srcc_mean"] and card["val_csv"]["rows"] == 9
 
 
 @pytest.mark.subprocess
@@ -128,11 +132,13 @@ def test_ddp_metrics_equal_single_process_evaluation(ddp_run, demo_data, tmp_pat
     ddp = json.loads((ckpt / "test" / "metrics.json").read_text())
     assert ddp.keys() == single.keys() and ddp["n"] == 9
     assert ddp.pop("model_args") == single.pop("model_args")
+    assert ddp.pop("card") == single.pop("card")  # best.pth's model card, as test.py reads it
     assert_same_metrics(single, ddp)
     ddp_rows, single_rows = (list(csv.reader(f.read_text().splitlines()))
                              for f in (ckpt / "test" / "predictions.csv", out / "predictions.csv"))
     assert [r[0] for r in ddp_rows] == [r[0] for r in single_rows]  # same images, same order
-    assert np.allclose(np.array([r[1:] for r in ddp_rows[1:]], float), np.array([r[1:] for r in single_rows[1:]], float),
+    assert ddp_rows[0][-1] == "percentile" and [r[-1] for r in ddp_rows] == [r[-1] for r in single_rows]
+    assert np.allclose(np.array([r[1:-1] for r in ddp_rows[1:]], float), np.array([r[1:-1] for r in single_rows[1:]], float),
                        rtol=0, atol=1e-5)
 
 
