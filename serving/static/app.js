@@ -195,11 +195,13 @@ function csvField(text) {
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
 }
 
-// test.py's predictions.csv for these photos: the same columns, rows by image id, 6 decimals.
+// test.py's predictions.csv for these photos: the same columns, rows by image id, 6 decimals
+// (the percentile 2, empty when the model has none).
 function predictionsCsv() {
-  const header = ["image_id", "mean", "std", ...Array.from({ length: 10 }, (_, k) => `p${k + 1}`)];
+  const header = ["image_id", "mean", "std", ...Array.from({ length: 10 }, (_, k) => `p${k + 1}`), "percentile"];
   const rows = cards.filter((c) => c.state === "done").sort(byName).map((c) =>
-    [csvField(c.name), ...[c.result.mean, c.result.std, ...c.result.distribution].map((x) => x.toFixed(6))].join(","));
+    [csvField(c.name), ...[c.result.mean, c.result.std, ...c.result.distribution].map((x) => x.toFixed(6)),
+      c.result.percentile == null ? "" : c.result.percentile.toFixed(2)].join(","));
   return [header.join(","), ...rows].join("\n") + "\n";
 }
 
