@@ -93,9 +93,9 @@ def end_epoch(card: dict, epoch: int, record: dict, improved: bool, monitor: str
 
 
 def saved(card: dict, mid_epoch: bool = False) -> dict:
-    """A copy of the card, with its toy verdict, for a checkpoint written now. Mid-epoch (last.pth every
-    --save_every_steps or on a signal) the weights are no longer those the percentiles
-    were computed for, so that file carries none."""
+    """A copy of the card, with its toy verdict, for a checkpoint written now. Mid-epoch
+    (last.pth every --save_every_steps, or on a signal) the weights are no longer those
+    the percentiles were computed for, so that file carries none."""
     out = copy.deepcopy(card)
     out["date"] = now()
     if mid_epoch:
