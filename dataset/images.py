@@ -20,17 +20,28 @@ class ImageReadError(Exception):
     """An image that cannot be used; the message says why (zero-byte, truncated, ...)."""
 
 
+def _high_depth_top(mode: str, a: np.ndarray) -> float:
+    """The value that becomes white. 16-bit data is scaled by 65535 whether Pillow opens it
+    as I;16 or as I (Pillow before 11 opens 16-bit PNGs as I), so a dark 16-bit photo
+    stays dark. I data beyond 16 bits and F data beyond [0, 1] have no fixed scale:
+    their own maximum."""
+    top = float(a.max(initial=0.0))
+    if mode.startswith("I;16") or (mode == "I" and top <= 65535.0):
+        return 65535.0
+    return max(top, 1.0)
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # High bit depth: scale to 8 bits instead of clipping everything above 255 to white.
         # float32, in place: a 16-bit image at the pixel limit stays under 400 MB here.
         a = np.nan_to_num(np.asarray(img).astype(np.float32), copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        top = 65535.0 if img.mode.startswith("I;16") else max(float(a.max(initial=0.0)), 1.0)
-        a /= top  # first: |a| / top cannot overflow, unlike a * 255
+        a /= _high_depth_top(img.mode, a)  # first: |a| / top cannot overflow, unlike a * 255
         np.clip(a, 0.0, 1.0, out=a)
         a *= 255.0
-        img = Image.fromarray(a.astype(np.uint8))
-    if img.mode == "P":
+        img = Image.fromarray(np.rint(a, out=a).astype(np.uint8))  # rounded: 65535 * k / 255 is level k
+    if img.mode == "P" or (img.mode in ("L", "RGB") and "transparency" in img.info):
+        # A palette's alpha, or a PNG's transparent colour (tRNS): composited below like an alpha channel.
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         # Transparent pixels have arbitrary colour underneath: composite onto white.
