@@ -1,8 +1,8 @@
 """Label CSVs (README, "Formats"): one row per image, the id then 10 numbers for ratings 1..10.
 
 The numbers may be vote counts or probabilities; each row is normalised to sum 1.
-A header row is recognised (its rating cells are not numbers) and skipped; every
-other row is kept or reported. All problems of a file are reported together, each
+A header row is recognised (its rating cells are not numbers and its first cell names no
+image) and skipped; every other row is kept or reported. All problems of a file are reported together, each
 with its line and column, before any training starts. Whatever bytes the file holds,
 the result is a valid table or a LabelFileError: UTF-8 with or without a BOM, and
 LF, CRLF or CR line ends are read; UTF-16 and other encodings are reported.
@@ -146,9 +146,13 @@ def read_label_text(csv_path) -> str:
         raise LabelFileError(csv_path, [f"{line}: byte {data[exc.start]:#04x} is not UTF-8 text; save the file as UTF-8"]) from None
 
 
-def is_header(cells) -> bool:
-    """A first row whose rating cells are not numbers: column names, not data."""
-    return len(cells) > 1 and all(parse_number(c) is None for c in cells[1:])
+def is_header(cells, index: "ImageIndex" = None) -> bool:
+    """A first row of column names, not data: no rating cell is a number, and the first
+    cell names no image in `index` (a data row whose values are all bad or missing is
+    reported, never dropped)."""
+    if len(cells) < 2 or not all(parse_number(c) is None for c in cells[1:]):
+        return False
+    return index is None or not cells[0] or index.resolve(cells[0]) is None
 
 
 @dataclass
@@ -159,8 +163,9 @@ class LabelRow:
     error: str = ""   # the csv module's complaint (a cell over its size limit, ...)
 
 
-def label_rows(text: str):
-    """LabelRows of a label CSV's text, skipping blank lines and a header row."""
+def label_rows(text: str, index: "ImageIndex" = None):
+    """LabelRows of a label CSV's text, skipping blank lines and a header row (is_header,
+    with `index` the folder its ids name)."""
     reader = csv.reader(split_lines(text))
     previous, first = 0, True
     while True:
@@ -177,7 +182,7 @@ def label_rows(text: str):
             continue
         if first and not error:
             first = False
-            if is_header(cells):
+            if is_header(cells, index):
                 continue
         first = False
         yield LabelRow(start, previous, cells, error)
@@ -227,7 +232,7 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
     index = ImageIndex(img_path)
     table, problems, rows = LabelTable(csv_path), [], []
     same_file = SameFileCheck()
-    for row in label_rows(text):
+    for row in label_rows(text, index):
         line, cells = row.first_line, row.cells
         if row.error:
             problems.append(f"{line}: cannot be parsed as CSV: {row.error}")

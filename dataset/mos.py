@@ -72,7 +72,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
     index = ImageIndex(img_path)
     problems, rows, same_file = [], [], SameFileCheck()
     valid = "2 (image id, MOS) or 3 (image id, MOS, std)" + ("" if require_labels else ", or 1 (image id only)")
-    for row in label_rows(text):
+    for row in label_rows(text, index):
         line, cells = row.first_line, row.cells
         if row.error:
             problems.append(f"{line}: cannot be parsed as CSV: {row.error}")

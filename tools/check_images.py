@@ -74,7 +74,7 @@ def read_csv_lines(csv_path, img_path) -> list:
         raw_lines = split_lines(f.read())
     path_of_line = {}
     index = ImageIndex(img_path)
-    for row in label_rows(text):
+    for row in label_rows(text, index):
         if row.error or not row.cells or not row.cells[0]:
             continue
         # A missing image keeps its expected path, and the check reports it as "file not found".
