@@ -100,3 +100,49 @@ def test_images_in_both_training_and_validation_are_reported_before_training(dem
     first = read_label_csv(demo_data / "train_labels.csv", demo_data / "images").ids[0]
     assert f"warning: {n} of the {n} validation images are also in the training CSV (first: {first}," in out
     assert out.index("warning:") < out.index("epoch 1:")
+
+
+SECOND_ROW = COUNTS.splitlines()[1] + "\n"
+
+
+@pytest.mark.parametrize("first", [
+    "953619,,,,,,,,,,",                        # every rating missing
+    "953619,NA,NA,NA,NA,NA,NA,NA,NA,NA,NA",    # every rating text
+    "953619.jpg,-,-,-,-,-,-,-,-,-,-",          # the id with its extension
+])
+def test_a_malformed_first_row_is_reported_not_taken_for_a_header(images, tmp_path, first):
+    """A header-less CSV whose first data row has no number among its ratings: its id names
+    an image on disk, so it is data, and each of its ten rating cells is reported on line 1."""
+    with pytest.raises(LabelFileError) as err:
+        read_label_csv(write(tmp_path / "a.csv", first + "\n" + SECOND_ROW), images)
+    problems = err.value.problems
+    assert len(problems) == 10, problems
+    assert [p.split(":")[0] for p in problems] == [f"1, column {c}" for c in range(2, 12)]
+
+
+@pytest.mark.parametrize("header", [
+    "image_id,r1,r2,r3,r4,r5,r6,r7,r8,r9,r10",
+    "image_id,,,,,,,,,,",                      # unnamed rating columns (a spreadsheet export)
+    ",a,b,c,d,e,f,g,h,i,j",                    # an unnamed id column
+])
+def test_a_header_is_still_skipped(images, tmp_path, header):
+    table = read_label_csv(write(tmp_path / "a.csv", header + "\n" + COUNTS), images)
+    assert table.ids == ["953619", "953958"] and table.lines == [2, 3]
+
+
+def test_only_the_first_row_can_be_a_header(images, tmp_path):
+    """The same header-like row as the second line is data: reported, not skipped."""
+    text = COUNTS.splitlines()[0] + "\nimage_id,r1,r2,r3,r4,r5,r6,r7,r8,r9,r10\n"
+    with pytest.raises(LabelFileError) as err:
+        read_label_csv(write(tmp_path / "a.csv", text), images)
+    assert sorted(p.split(":")[0] for p in err.value.problems) == sorted(f"2, column {c}" for c in range(1, 12))
+
+
+def test_mos_csv_first_row(images, tmp_path):
+    from dataset.mos import read_mos_csv
+    for header in ("image_id,mos", "image,mos,std", "name,score"):
+        table = read_mos_csv(write(tmp_path / "h.csv", f"{header}\n953619,3.5\n953958,4\n"), images, (1, 5))
+        assert table.ids == ["953619", "953958"] and table.lines == [2, 3], header
+    with pytest.raises(LabelFileError) as err:
+        read_mos_csv(write(tmp_path / "m.csv", "953619,N/A\n953958,4\n"), images, (1, 5))
+    assert [p.split(":")[0] for p in err.value.problems] == ["1, column 2"]
