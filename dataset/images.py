@@ -154,7 +154,9 @@ def check_resizable(size, shorter_side, max_pixels=None) -> None:
     its resize to a 256-pixel shorter side is 25.6 million pixels wide."""
     limit = check_max_pixels(max_pixels)
     short, long = sorted(size)
-    resized = shorter_side * max(shorter_side, -(-long * shorter_side // max(short, 1)))
+    # The longer side as torchvision's Resize(int) computes it (truncated, not rounded up):
+    # an image whose resize is exactly at the limit is allowed.
+    resized = shorter_side * max(shorter_side, int(shorter_side * long / max(short, 1)))
     if resized > limit:
         raise ImageReadError(f"too elongated: {size[0]}x{size[1]} resized to a shorter side of {shorter_side} "
                              f"is {resized} pixels, above --max_image_pixels {limit}")
