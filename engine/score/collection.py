@@ -41,7 +41,12 @@ class PartWriter:
         if rows and self.since is None:
             self.since = time.monotonic()
         self.rows.extend(rows)
-        if len(self.rows) >= self.part_size or (self.rows and time.monotonic() - self.since >= self.flush_seconds):
+        # Whole parts of exactly part_size results (a batch may straddle two): what a kill can lose.
+        while len(self.rows) >= self.part_size:
+            rest, self.rows = self.rows[self.part_size:], self.rows[:self.part_size]
+            self.flush()
+            self.rows, self.since = rest, (time.monotonic() if rest else None)
+        if self.rows and time.monotonic() - self.since >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
