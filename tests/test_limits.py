@@ -103,12 +103,14 @@ def test_main_py_max_image_pixels(demo_data, tmp_path, capsys, limit):
 ])
 def test_part_files_hold_part_size_results(tmp_path, batches, part_size, parts):
     """Results arrive a batch at a time; each part file holds exactly part_size of them
-    (the last what is left), whatever the batch size, in arrival order."""
+    (the last what is left), whatever the batch size, in arrival order; a part is on disk
+    as soon as it is full, not held back for the next batch."""
     writer = PartWriter(str(tmp_path), rank=0, part_size=part_size, flush_seconds=float("inf"))
     n = 0
     for size in batches:
         writer.add([(f"img{n + k}", 0, f"img{n + k}", -1, "ok", "", [0.1] * 10) for k in range(size)])
         n += size
+        assert len(part_files(str(tmp_path))) == n // part_size, n
     writer.flush()
     files = part_files(str(tmp_path))
     assert [len(list(read_part(f))) for f in files] == parts

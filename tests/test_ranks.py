@@ -135,10 +135,11 @@ def test_every_item_falls_to_exactly_one_slot(collection, monkeypatch, ranks, wo
     assert sorted(got) == refs  # each once: none missing, none twice
 
 
-@pytest.mark.parametrize("ranks,workers", [(1, 0), (1, 2), (2, 0), (2, 1), (2, 2), (3, 3)])
+@pytest.mark.parametrize("ranks,workers", [(1, 0), (1, 2), (1, 3), (2, 0), (2, 1), (2, 2), (3, 0), (3, 3)])
 def test_resume_skips_exactly_what_the_parts_hold(collection, monkeypatch, ranks, workers):
     """Parts from an earlier run (any layout) hold every other item; each rank's share of
-    them (rank_share) is what its slots skip: the rest is scored once."""
+    them (rank_share) is what its slots skip: the rest is scored once. 3 slots for 3
+    shards is the edge where whole shards are dealt."""
     sources = resolve_specs(collection["specs"])
     refs = all_refs(sources)
     index = {e.ref: n for n, s in enumerate(sources) for e in iter_entries(s)}
