@@ -17,7 +17,7 @@ import time
 import httpx
 import pytest
 
-from conftest import ROOT, run_main, tiny_train_args  # noqa: F401
+from conftest import ROOT, run_main
 from tools import make_demo_data
 
 pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
