@@ -8,7 +8,6 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 --strict_images); 2 bad usage or configuration, reported before any heavy work;
 130/143 stopped by SIGINT/SIGTERM after saving last.pth.
 """
-import argparse
 import os
 import shutil
 import sys
@@ -23,7 +22,7 @@ from dataset.sources import table_source
 from dataset.transforms import check_tta
 from engine import distributed
 from engine.train.checkpoints import MONITORS, RunCheckpoints
-from engine.flags import HelpFormatter, str2bool
+from engine.flags import ArgumentParser, HelpFormatter, str2bool
 from engine.score.collection import score_to_files
 from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
@@ -42,8 +41,8 @@ from model.nima import DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Train NIMA with the Earth Mover's Distance loss.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Train NIMA with the Earth Mover's Distance loss.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     g = p.add_argument_group("data (the reference's flags)")
     g.add_argument("--img_path", default="./data/images/", help="folder of the images named in the CSVs")
     g.add_argument("--train_csv_file", default="./data/train_labels.csv", help="training labels: image id, then 10 vote counts")

@@ -9,7 +9,6 @@ answer the requests already accepted, exit 0.
 Exit codes: 0 after a shutdown by signal; 2 bad usage, unreadable checkpoint, or an
 address that cannot be bound.
 """
-import argparse
 import logging
 import os
 import signal
@@ -19,7 +18,7 @@ import sys
 import torch
 
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from engine.flags import HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from engine.runtime import configure_backends
 from model import CheckpointError
 from model.card import print_card
@@ -29,8 +28,8 @@ LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Serve a NIMA checkpoint over HTTP: POST images to /score.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Serve a NIMA checkpoint over HTTP: POST images to /score.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (best.pth, epoch-N.pth, last.pth) or the reference's released state_dict")
     add_normalize_flag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 (or ::) for every interface, "

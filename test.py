@@ -11,7 +11,6 @@ merged into predictions.csv, pred.txt, and with labels metrics.json and scatter.
 Exit codes: 0 all scored; 1 some images failed (listed in errors.csv, the rest
 written); 2 bad usage or unreadable checkpoint/CSV.
 """
-import argparse
 import os
 import sys
 
@@ -25,7 +24,7 @@ from dataset.transforms import check_tta
 from engine import distributed
 from engine.score.collection import PART_SIZE, collection_workers, score_to_files
 from engine.explain.pictures import parse_explain, write_explanations
-from engine.flags import HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size
 from engine.score.merge import PARQUET_HINT, OpenersById
 from engine.score.parts import PartsResumeError
@@ -38,8 +37,8 @@ from model.checkpoint import recorded_args
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Predict aesthetic score distributions with a NIMA checkpoint.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (epoch-N.pth, best.pth, last.pth) or the reference's released state_dict")
     p.add_argument("--test_csv_file", "--test_csv", dest="test_csv_file", default=None, help="label CSV (id + 10 ratings, or ids only); without it every image under --test_images is scored")
     p.add_argument("--test_images", nargs="+", default=None, metavar="SPEC",

@@ -18,7 +18,6 @@ if not __package__:  # run by path (python bench/backbones.py): run as python -m
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import json
 import os
 import platform
@@ -30,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.timing import cpu_model_name, timed
+from engine.flags import ArgumentParser
 from fileio import atomic_write_text
 from model import build_model, default_model_args, list_backbones
 
@@ -45,7 +45,7 @@ PAPER_AVA = {
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Parameters, GFLOPs and CPU images/s of the curated backbones.")
+    p = ArgumentParser(description="Parameters, GFLOPs and CPU images/s of the curated backbones.")
     p.add_argument("--names", nargs="+", default=None,
                    help="backbones to measure (default: every curated one, and vgg16 with --head paper)")
     p.add_argument("--batch_size", type=int, default=8)

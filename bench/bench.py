@@ -29,7 +29,6 @@ if not __package__:  # run by path (python bench/bench.py): run as python -m ben
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import contextlib
 import json
 import os
@@ -44,6 +43,7 @@ from bench import figures
 from bench.ava_like import folder_stats, make_ava_like_jpegs
 from bench.timing import cpu_model_name
 from engine.distributed import pick_device
+from engine.flags import ArgumentParser
 from fileio import atomic_write_text
 from model import default_model_args
 from model.nima import check_model_args
@@ -56,7 +56,7 @@ FULL = {"base_model": "vgg16", "batch_size": 128, "steps": 20, "warmup": 3, "num
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Measure NIMA training and inference speed, ours vs a reference-style loop.")
+    p = ArgumentParser(description="Measure NIMA training and inference speed, ours vs a reference-style loop.")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when present)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny_cnn at 64 px, a few steps and images")
     p.add_argument("--base_model", default=None, help="backbone (default vgg16; tiny_cnn with --quick)")

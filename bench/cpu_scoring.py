@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 
+from engine.flags import ArgumentParser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -88,7 +90,7 @@ def prepare(folder, sizes) -> tuple:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="test.py vs a reference-style per-image loop, on the CPU.", allow_abbrev=False)
+    p = ArgumentParser(description="test.py vs a reference-style per-image loop, on the CPU.", allow_abbrev=False)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 32, 256], help="numbers of photos")
     p.add_argument("--repeats", type=int, default=3, help="paired runs per size (medians reported)")
     p.add_argument("--data", default=None, help="folder for the photos and checkpoint (default: a temporary folder)")

@@ -38,6 +38,8 @@ import sys
 import sysconfig
 import time
 
+from engine.flags import ArgumentParser
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Packages the GPU machine's image lacks and bench/gpu_prepare.sh brings as wheels.
@@ -510,7 +512,7 @@ def cmd_summary(args) -> int:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env")
     s = sub.add_parser("peak")

@@ -13,11 +13,11 @@ if not __package__:  # run by path (python bench/reference_loop.py): run as pyth
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 
 import torch
 
 from dataset import eval_transform, load_rgb
+from engine.flags import ArgumentParser
 
 
 def looped_emd_loss(p: torch.Tensor, q: torch.Tensor, r: float = 2.0) -> torch.Tensor:
@@ -100,7 +100,7 @@ class ReferenceNIMA(torch.nn.Module):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Reference-style per-image scoring (a benchmark baseline).", allow_abbrev=False)
+    p = ArgumentParser(description="Reference-style per-image scoring (a benchmark baseline).", allow_abbrev=False)
     p.add_argument("--model", required=True, help="released-format VGG16 state_dict")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--out", required=True, help="pred.txt to write")

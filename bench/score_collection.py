@@ -21,7 +21,6 @@ if not __package__:  # run by path (python bench/score_collection.py): run as py
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ import sys
 import tempfile
 
 from bench.cpu_scoring import ROOT, append_jsonl, run_measured
+from engine.flags import ArgumentParser
 
 POOL = 64
 def prepare(folder, n, shard_size, pool_size=POOL) -> tuple:
@@ -74,8 +74,8 @@ def prepare(folder, n, shard_size, pool_size=POOL) -> tuple:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="test.py on a collection: folder vs shards, 1 vs 2 processes.",
-                                allow_abbrev=False)
+    p = ArgumentParser(description="test.py on a collection: folder vs shards, 1 vs 2 processes.",
+                       allow_abbrev=False)
     p.add_argument("--images", type=int, default=20000, help="number of cached JPEGs")
     p.add_argument("--shard_size", type=int, default=1000, help="images per tar shard")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (2 processes need 2 GPUs there)")

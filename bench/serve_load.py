@@ -22,7 +22,6 @@ if not __package__:  # run by path (python bench/serve_load.py): run as python -
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import asyncio
 import json
 import os
@@ -43,7 +42,7 @@ from bench.ava_like import make_ava_like_jpegs
 from bench.backbones import hardware
 from dataset.images import load_rgb
 from engine.distributed import pick_device
-from engine.flags import HelpFormatter
+from engine.flags import ArgumentParser, HelpFormatter
 from engine.score.scorer import Scorer
 from fileio import atomic_write_text
 from model import build_model, default_model_args, save_checkpoint
@@ -53,8 +52,8 @@ START_TIMEOUT_S = 300
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Load test of serve.py against the model called directly.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Load test of serve.py against the model called directly.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny_cnn, concurrency 1 and 4, a few requests")
     p.add_argument("--models", default=None, help=f"comma-separated backbones (default {','.join(MODELS)}; tiny_cnn with --quick)")
     p.add_argument("--concurrency", default=None, help="comma-separated client counts (default 1,8,32; 1,4 with --quick)")

@@ -1,5 +1,7 @@
-"""Flag values shared by the CLIs."""
+"""Flag values and the argument parser shared by the CLIs (main.py, test.py, serve.py,
+tools/, bench/). Torch-free: tools/check_requirements.py runs it before torch is installed."""
 import argparse
+import difflib
 
 TRUE_WORDS = ("1", "true", "yes", "y", "on")
 FALSE_WORDS = ("0", "false", "no", "n", "off")
@@ -26,6 +28,65 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None and "default:" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, whose "unrecognized arguments" error names the closest flags:
+    `--epoch 3` -> "did you mean --epochs?", `--train-csv-file` -> "--train_csv_file"
+    (this project's flags are written with underscores)."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + "".join(
+                f"; {flag}: did you mean {either(close)}?" for flag, close in self.suggestions(extras)))
+        return namespace
+
+    def suggestions(self, extras) -> list:
+        """[(unknown flag, [closest known flags])] for the extras that look like flags."""
+        known = all_option_strings(self)
+        out = []
+        for token in extras:
+            if not token.startswith("-") or len(token) < 2 or token[1:2].isdigit():  # a value (-1), not a flag
+                continue
+            flag = token.split("=", 1)[0]
+            close = closest_flags(flag, known)
+            if close:
+                out.append((flag, close))
+        return out
+
+
+def either(names) -> str:
+    """'a', 'a or b', 'a, b or c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def all_option_strings(parser) -> list:
+    """Every flag of `parser` and of its subcommands' parsers."""
+    flags = []
+    for action in parser._actions:
+        flags.extend(s for s in action.option_strings if s.startswith("--"))
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.extend(f for f in all_option_strings(sub) if f not in flags)
+    return flags
+
+
+def closest_flags(flag: str, known: list, n: int = 3) -> list:
+    """Up to `n` known flags closest to `flag`: one written with '-' for '_' (or in
+    another case) alone; else those that read alike, or hold the name as a word
+    (`--lr` -> `--dense_lr`), closest first."""
+    def key(f):
+        return f.lstrip("-").replace("-", "_").lower()
+    by_key = {key(k): k for k in known if k != "--help"}
+    name = key(flag)
+    if name in by_key:
+        return [by_key[name]]
+    if not name:
+        return []
+    ratio = {k: difflib.SequenceMatcher(None, name, k).ratio() for k in by_key}
+    near = [k for k in by_key if ratio[k] >= 0.6 or set(name.split("_")) <= set(k.split("_"))]
+    return [by_key[k] for k in sorted(near, key=lambda k: (-ratio[k], k))[:n]]
 
 
 def add_normalize_flag(parser) -> None:

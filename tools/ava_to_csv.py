@@ -22,7 +22,6 @@ if not __package__:  # run by path (python tools/ava_to_csv.py): run as python -
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import csv
 import io
 import os
@@ -34,6 +33,7 @@ import numpy as np
 from dataset.images import is_image_file
 from dataset.images import DEFAULT_MAX_PIXELS
 from dataset.labels import NUM_BINS, ImageIndex, LabelFileError, read_label_text, show_cell, split_lines
+from engine.flags import ArgumentParser
 from fileio import atomic_write_text
 from tools.check_images import check_paths
 
@@ -151,7 +151,7 @@ def labels_csv_text(ids, votes_by_id) -> str:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="AVA.txt -> train/val/test label CSVs (reference format) and rejected.csv.")
+    p = ArgumentParser(description="AVA.txt -> train/val/test label CSVs (reference format) and rejected.csv.")
     p.add_argument("--ava_txt", required=True, help="AVA.txt: 15 space-separated columns per image")
     p.add_argument("--img_path", required=True, help="folder of the AVA images (<id>.jpg)")
     p.add_argument("--out_dir", required=True, help="folder for train/val/test_labels.csv and rejected.csv")

@@ -16,7 +16,6 @@ if not __package__:  # run by path (python tools/check_images.py): run as python
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import collections
 import csv
 import functools
@@ -29,6 +28,7 @@ import time
 
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size
 from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines
+from engine.flags import ArgumentParser
 from fileio import atomic_path, atomic_write_text
 from engine.parallel import parallel_map
 
@@ -85,7 +85,7 @@ def read_csv_lines(csv_path, img_path) -> list:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Find images that cannot be used for training, and clean a label CSV of them.")
+    p = ArgumentParser(description="Find images that cannot be used for training, and clean a label CSV of them.")
     p.add_argument("--img_path", required=True, help="image folder (searched recursively without --csv)")
     p.add_argument("--csv", default=None, help="label CSV: check only its images and write <stem>_clean.csv without the bad ones")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")

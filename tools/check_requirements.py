@@ -13,6 +13,8 @@ import argparse
 import sys
 from importlib import metadata
 
+from engine.flags import ArgumentParser
+
 try:
     from packaging.requirements import Requirement
 except ImportError:  # a fresh virtual environment has no `packaging`, but pip carries a copy
@@ -42,10 +44,10 @@ def missing_requirements(path) -> list:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Exit 0 when every requirement of the files is installed at an allowed "
-                                            "version; otherwise list what is missing and exit 1 (make then runs pip). "
-                                            "Exit 2 for a requirements file that cannot be read.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Exit 0 when every requirement of the files is installed at an allowed "
+                       "version; otherwise list what is missing and exit 1 (make then runs pip). "
+                       "Exit 2 for a requirements file that cannot be read.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("paths", nargs="*", default=["requirements.txt"], metavar="REQUIREMENTS",
                    help="requirements files (one requirement per line, # comments)")
     return p

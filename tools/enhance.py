@@ -21,7 +21,6 @@ if not __package__:  # run by path (python tools/enhance.py): run as python -m t
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import os
 import sys
 
@@ -31,7 +30,7 @@ from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels,
 from engine.distributed import pick_device
 from engine.explain.enhance import PARAMS, check_params, enhance_photo, sweep
 from engine.explain.pictures import plot_before_after, plot_sweep
-from engine.flags import HelpFormatter
+from engine.flags import ArgumentParser, HelpFormatter
 from engine.explain.pixels import safe_name
 from fileio import OutputWriteError, atomic_path, atomic_write_json
 from model import CheckpointError, load_for_inference
@@ -42,9 +41,9 @@ DEFAULT_STEPS = {"enhance": 30, "sweep": 7}
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Find the global enhancement that raises a photo's predicted NIMA score, "
-                                            "or sweep one enhancement parameter.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Find the global enhancement that raises a photo's predicted NIMA score, "
+                       "or sweep one enhancement parameter.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours (best.pth, ...) or the reference's released state_dict")
     p.add_argument("--image", required=True, help="a photo, or a folder of photos (recursive; one output subfolder each)")
     p.add_argument("--out", required=True, help="output folder")

@@ -20,7 +20,6 @@ if not __package__:  # run by path (python tools/export.py): run as python -m to
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -29,7 +28,7 @@ import warnings
 import torch
 
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
-from engine.flags import HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from fileio import OutputWriteError, atomic_path, atomic_write_json
 from model import CheckpointError, load_for_inference
 from model.nima import NUM_BINS
@@ -52,8 +51,8 @@ class ParityError(Exception):
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Export a NIMA checkpoint to ONNX or TorchScript, checked against PyTorch.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Export a NIMA checkpoint to ONNX or TorchScript, checked against PyTorch.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours or the reference's released state_dict")
     add_normalize_flag(p)
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"], help="what to export to")

@@ -39,6 +39,7 @@ import numpy as np
 from dataset.labels import LabelFileError, parse_number, read_label_text, show_cell, split_lines
 from dataset.maxent import maxent_distributions
 from dataset.mos import std_to_bins, to_bins
+from engine.flags import ArgumentParser
 from fileio import OutputWriteError, atomic_write_text
 from dataset.xlsx import xlsx_rows
 
@@ -232,8 +233,8 @@ def render(entries, scale, as_distributions) -> tuple:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Convert an image-quality data set's labels into train/val/test CSVs.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Convert an image-quality data set's labels into train/val/test CSVs.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--dataset", required=True, choices=sorted(SCALES), help="which data set's files --src are")
     p.add_argument("--src", required=True, nargs="+", metavar="FILE", help="its label file(s), as the publisher distributes them")
     p.add_argument("--out_dir", required=True, help="folder for train_labels.csv, val_labels.csv, test_labels.csv")

@@ -8,13 +8,14 @@ if not __package__:  # run by path (python tools/make_demo_data.py): run as pyth
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import csv
 import os
 import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
+
+from engine.flags import ArgumentParser
 
 VOTES_PER_IMAGE = 200
 
@@ -63,7 +64,7 @@ def write_csv(path, rows) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="data/demo", help="output folder (images/ and three CSVs)")
     p.add_argument("--num_images", type=int, default=600)
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,6 @@ if not __package__:  # run by path (python tools/make_shards.py): run as python 
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import io
 import os
 import sys
@@ -29,13 +28,13 @@ import tarfile
 
 from dataset.images import find_images
 from dataset.labels import LabelFileError, read_label_csv
-from engine.flags import HelpFormatter
+from engine.flags import ArgumentParser, HelpFormatter
 from fileio import OutputWriteError, atomic_path
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Pack images into WebDataset-style tar shards (original bytes kept).",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Pack images into WebDataset-style tar shards (original bytes kept).",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--src", help="folder of images (recursive)")
     src.add_argument("--csv", help="label CSV (image ids, with or without ratings): pack the images it names, in its order")

@@ -9,13 +9,13 @@ if not __package__:  # run by path (python tools/pred_txt.py): run as python -m 
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import re
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
+from engine.flags import ArgumentParser
 from engine.metrics import score_metrics
 
 # `<id> mean: 5.962 | std: 1.420 | GT: 5.914`; the id may hold spaces, `| GT` is optional.
@@ -58,7 +58,7 @@ def read_pred_txt(path) -> PredTxt:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Metrics of a pred.txt file that carries the ground truth.", allow_abbrev=False)
+    p = ArgumentParser(description="Metrics of a pred.txt file that carries the ground truth.", allow_abbrev=False)
     p.add_argument("path", help="a pred.txt: '<id> mean: M | std: S | GT: G' per line")
     return p
 

@@ -23,7 +23,6 @@ if not __package__:  # run by path (python tools/resize_images.py): run as pytho
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import os
 import sys
 
@@ -32,6 +31,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F
 
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb
+from engine.flags import ArgumentParser
 from fileio import OutputWriteError, atomic_path
 from engine.parallel import parallel_map
 
@@ -39,7 +39,7 @@ WRITTEN, UP_TO_DATE, FAILED = "written", "up to date", "failed"
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Re-encode every image under --src with its shorter side at --size into --dst.")
+    p = ArgumentParser(description="Re-encode every image under --src with its shorter side at --size into --dst.")
     p.add_argument("--src", required=True, help="folder of original images (searched recursively)")
     p.add_argument("--dst", required=True, help="cache folder (created; same relative paths and file names as --src)")
     p.add_argument("--size", type=int, default=256, help="shorter side in pixels; use the model's --resize_size (256 for vgg16)")
