@@ -54,10 +54,18 @@ def get_backbone(name: str) -> Backbone:
     others = [n for n in torchvision_names() if n not in BACKBONES]
     if name in others:
         return torchvision_backbone(name)
-    close = difflib.get_close_matches(str(name), list(BACKBONES) + others, n=3)
-    raise ValueError(f"unknown --base_model {name!r}" + (f" (did you mean {' or '.join(close)}?)" if close else "")
-                     + f"; valid names: {', '.join(sorted(BACKBONES))}; or any other torchvision classification "
-                     f"model: {', '.join(others)}")
+    raise ValueError(f"unknown --base_model {name!r}" + did_you_mean(str(name), list(BACKBONES) + others)
+                     + f"; the curated backbones are {', '.join(sorted(BACKBONES))}, and any other of torchvision's "
+                     f"{len(others)} classification models works by its name (torchvision.models.list_models())")
+
+
+def did_you_mean(name: str, names: list, n: int = 3) -> str:
+    """' (did you mean a, b or c?)' for the few names closest to `name` (case aside), or ''."""
+    by_lower = {k.lower(): k for k in names}
+    close = [by_lower[k] for k in difflib.get_close_matches(name.lower(), list(by_lower), n=n, cutoff=0.6)]
+    if not close:
+        return ""
+    return " (did you mean " + (close[0] if len(close) == 1 else ", ".join(close[:-1]) + " or " + close[-1]) + "?)"
 
 
 def list_backbones() -> list:

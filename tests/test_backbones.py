@@ -177,7 +177,7 @@ def test_main_trains_a_curated_backbone(demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--base_model", "resnet5"], "valid names: convnext_tiny, efficientnet_b0, inception_v3"),
+    (["--base_model", "resnet5"], "the curated backbones are convnext_tiny, efficientnet_b0, inception_v3"),
     (["--base_model", "resnet50", "--head", "paper"], "--head paper exists for vgg16 only"),
     (["--base_model", "inception_v3", "--image_size", "64", "--resize_size", "72"], "inception_v3 needs at least 75 px"),
     (["--base_model", "vit_b_16", "--image_size", "256", "--resize_size", "288"], "vit_b_16 takes exactly 224 px"),
