@@ -25,13 +25,22 @@ MAX_PROBLEMS_SHOWN = 30
 
 
 class LabelFileError(ValueError):
-    def __init__(self, csv_path, problems):
-        self.csv_path, self.problems = csv_path, problems
-        shown = "\n".join(f"  {csv_path}:{p}" for p in problems[:MAX_PROBLEMS_SHOWN])
-        more = len(problems) - MAX_PROBLEMS_SHOWN
-        if more > 0:
-            shown += f"\n  ... and {more} more"
-        super().__init__(f"{csv_path}: {len(problems)} problem(s):\n{shown}")
+    """The problems of a label file, each "LINE: ...", "LINE, column C: ..." or, for the
+    file as a whole, "0: ..." (shown without a line number); `hint`, when given, says once
+    what the problems suggest (e.g. the flags that read the file as it is)."""
+
+    def __init__(self, csv_path, problems, hint: str = ""):
+        self.csv_path, self.problems, self.hint = csv_path, problems, hint
+        if len(problems) == 1 and problems[0].startswith("0: "):
+            message = f"{csv_path}: {problems[0][3:]}"
+        else:
+            shown = "\n".join(f"  {csv_path}" + (f": {p[3:]}" if p.startswith("0: ") else f":{p}")
+                              for p in problems[:MAX_PROBLEMS_SHOWN])
+            more = len(problems) - MAX_PROBLEMS_SHOWN
+            if more > 0:
+                shown += f"\n  ... and {more} more"
+            message = f"{csv_path}: {len(problems)} problem{'s' if len(problems) > 1 else ''}:\n{shown}"
+        super().__init__(message + (f"\nhint: {hint}" if hint else ""))
 
 
 @dataclass
@@ -163,10 +172,30 @@ class LabelRow:
     error: str = ""   # the csv module's complaint (a cell over its size limit, ...)
 
 
-def label_rows(text: str, index: "ImageIndex" = None):
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}
+# A number written with a decimal comma, as spreadsheets in many locales save it in
+# semicolon- or tab-separated files: 3,5 for 3.5.
+DECIMAL_COMMA = re.compile(r"[+-]?[0-9]*,[0-9]+(?:[eE][+-]?[0-9]+)?")
+
+
+def sniff_delimiter(text: str) -> str:
+    """The cell separator of a label file, from its first non-blank line: a comma, or a
+    semicolon or tab when the line holds more of those than commas (a spreadsheet's
+    "CSV" in many locales: `id;3,5;0,8` is two numbers with decimal commas)."""
+    first = next((line for line in split_lines(text) if line.strip()), "")
+    counts = {d: first.count(d) for d in DELIMITERS}
+    best = max((";", "\t"), key=lambda d: counts[d])
+    return best if counts[best] > 0 and counts[best] >= counts[","] else ","
+
+
+def label_rows(text: str, index: "ImageIndex" = None, header: list = None):
     """LabelRows of a label CSV's text, skipping blank lines and a header row (is_header,
-    with `index` the folder its ids name)."""
-    reader = csv.reader(split_lines(text))
+    with `index` the folder its ids name; its cells are appended to `header` when a list
+    is given). Comma-, semicolon- and
+    tab-separated files are read alike (sniff_delimiter); in the last two a number's
+    decimal comma is read as a point."""
+    delimiter = sniff_delimiter(text)
+    reader = csv.reader(split_lines(text), delimiter=delimiter)
     previous, first = 0, True
     while True:
         try:
@@ -178,14 +207,51 @@ def label_rows(text: str, index: "ImageIndex" = None):
             cells, error = [], str(exc)
         start, previous = previous + 1, reader.line_num
         cells = [c.strip() for c in cells]
+        if delimiter != ",":
+            cells[1:] = [c.replace(",", ".") if DECIMAL_COMMA.fullmatch(c) else c for c in cells[1:]]
         if not error and (not cells or all(c == "" for c in cells)):
             continue
         if first and not error:
             first = False
             if is_header(cells, index):
+                if header is not None:
+                    header.extend(cells)
                 continue
         first = False
         yield LabelRow(start, previous, cells, error)
+
+
+# Column names of a mean opinion score (the quality data sets' label): a header holding
+# one of them marks a MOS file, which trains with --label_format mos.
+MOS_NAMES = {"mos", "dmos", "mean", "mean_score", "score", "mos_zscore", "quality", "rating"}
+MOS_FLAGS = "--label_format mos --score_range LO HI (LO, HI: the lowest and highest score of its scale)"
+
+
+def mos_header_hint(header: list) -> str:
+    """A note on a header that names a MOS column, or ''."""
+    named = [c for c in header if c.lower().replace(" ", "_") in MOS_NAMES]
+    if not named:
+        return ""
+    return (f"the header names a mean opinion score column ({named[0]!r}): a file of image_id,mos[,std] rows is read "
+            f"with {MOS_FLAGS}; python -m tools.iqa_to_csv writes one from the labels of KonIQ-10k, SPAQ, TID2013, "
+            f"KADID-10k or LIVE in the Wild")
+
+
+def column_count_problems(bad: list, expected: str, hints: dict = None) -> list:
+    """One problem per column count that rows have in error, not one per row: `bad` is
+    [(line, number of columns)], `expected` what a row should hold, `hints` a note for
+    a count (e.g. what a file with that many columns is)."""
+    problems = []
+    for width in sorted({w for _, w in bad}, key=lambda w: min(line for line, n in bad if n == w)):
+        lines = [line for line, n in bad if n == width]
+        more = ""
+        if len(lines) > 1:
+            shown = ", ".join(str(line) for line in lines[1:6]) + (", ..." if len(lines) > 6 else "")
+            more = f"; so do {len(lines) - 1} more row{'s' if len(lines) > 2 else ''} (line{'s' if len(lines) > 2 else ''} {shown})"
+        hint = (hints or {}).get(width, "")
+        problems.append(f"{lines[0]}: has {width} column{'s' if width != 1 else ''}, expected {expected}{more}"
+                        + (f"; {hint}" if hint else ""))
+    return problems
 
 
 def expected_path(index: "ImageIndex", image_id: str) -> tuple:
@@ -211,14 +277,29 @@ def row_image(index: "ImageIndex", image_id: str, line: int, require_images: boo
     return path
 
 
-def checked_widths(csv_path, problems: list, rows: list) -> set:
-    """The end of every label reader: raise LabelFileError with all the file's problems, or
-    for a file without data rows; else the set of how many values the rows carry."""
+def checked_widths(csv_path, problems: list, rows: list, hint: str = "") -> set:
+    """The end of every label reader: raise LabelFileError with all the file's problems
+    (and `hint`), or for a file without data rows; else the set of how many values the
+    rows carry."""
     if problems:
-        raise LabelFileError(csv_path, problems)
+        raise LabelFileError(csv_path, problems, hint)
     if not rows:
         raise LabelFileError(csv_path, ["0: no data rows"])
     return {len(r[3]) for r in rows}
+
+
+def width_problems(bad_widths: list, good_rows: int, header: list, require_labels: bool) -> tuple:
+    """(the column-count problems of a 10-bin label file, a hint): the hint says how to
+    train a MOS file when the rows look like one (mostly 2 or 3 columns: id, MOS[, std])
+    or the header names a MOS column."""
+    if not bad_widths:
+        return [], ""
+    valid = f"{NUM_BINS + 1}" if require_labels else f"1 (id only) or {NUM_BINS + 1}"
+    problems = column_count_problems(bad_widths, f"{valid} (image id, then votes for ratings 1..10)")
+    if sum(1 for _, w in bad_widths if w in (2, 3)) > (good_rows + len(bad_widths)) / 2:
+        return problems, (f"rows of an image id and one or two numbers hold a mean opinion score (and its std): "
+                          f"read the file with {MOS_FLAGS}")
+    return problems, mos_header_hint(header)
 
 
 def read_label_csv(csv_path, img_path, require_labels=True, require_images=True) -> LabelTable:
@@ -230,17 +311,16 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
     """
     text = read_label_text(csv_path)
     index = ImageIndex(img_path)
-    table, problems, rows = LabelTable(csv_path), [], []
+    table, problems, rows, bad_widths, header = LabelTable(csv_path), [], [], [], []
     same_file = SameFileCheck()
-    for row in label_rows(text, index):
+    for row in label_rows(text, index, header):
         line, cells = row.first_line, row.cells
         if row.error:
             problems.append(f"{line}: cannot be parsed as CSV: {row.error}")
             continue
         row_problems = []
         if len(cells) not in (1, NUM_BINS + 1) or (require_labels and len(cells) != NUM_BINS + 1):
-            valid = f"{NUM_BINS + 1}" if require_labels else f"1 (id only) or {NUM_BINS + 1}"
-            problems.append(f"{line}: has {len(cells)} columns, expected {valid} (image id, then votes for ratings 1..10)")
+            bad_widths.append((line, len(cells)))
             continue
         image_id = cells[0]
         if not image_id:
@@ -263,7 +343,8 @@ def read_label_csv(csv_path, img_path, require_labels=True, require_images=True)
         problems.extend(row_problems)
         if not row_problems:
             rows.append((image_id, path, line, values))
-    widths = checked_widths(csv_path, problems, rows)
+    bad, hint = width_problems(bad_widths, len(rows), header, require_labels)
+    widths = checked_widths(csv_path, bad + problems, rows, hint)
     if len(widths) > 1:
         raise LabelFileError(csv_path, ["0: some rows have ratings and others do not; give all or none"])
     table.ids = [r[0] for r in rows]

@@ -18,8 +18,8 @@ import numpy as np
 
 from model.nima import NUM_BINS
 
-from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, checked_widths, label_rows, parse_number, read_label_text,
-                     row_image, show_cell)
+from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, checked_widths, column_count_problems, label_rows,
+                     parse_number, read_label_text, row_image, show_cell)
 from .maxent import maxent_distributions
 
 LABEL_FORMATS = ("distribution", "mos")
@@ -70,7 +70,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
     lo, hi = check_score_range(score_range)
     text = read_label_text(csv_path)
     index = ImageIndex(img_path)
-    problems, rows, same_file = [], [], SameFileCheck()
+    problems, rows, same_file, bad_widths = [], [], SameFileCheck(), []
     valid = "2 (image id, MOS) or 3 (image id, MOS, std)" + ("" if require_labels else ", or 1 (image id only)")
     for row in label_rows(text, index):
         line, cells = row.first_line, row.cells
@@ -78,8 +78,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
             problems.append(f"{line}: cannot be parsed as CSV: {row.error}")
             continue
         if len(cells) not in (2, 3) and not (len(cells) == 1 and not require_labels):
-            hint = " (10 ratings: a distribution file, which trains without --label_format mos)" if len(cells) == NUM_BINS + 1 else ""
-            problems.append(f"{line}: has {len(cells)} columns, expected {valid}{hint}")
+            bad_widths.append((line, len(cells)))
             continue
         image_id, bad = cells[0], []
         if not image_id:
@@ -96,7 +95,8 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
         problems.extend(bad)
         if not bad:
             rows.append((image_id, path, line, values))
-    widths = checked_widths(csv_path, problems, rows)
+    ten = {NUM_BINS + 1: "10 ratings: a distribution file, which is read without --label_format mos"}
+    widths = checked_widths(csv_path, column_count_problems(bad_widths, valid, ten) + problems, rows)
     if len(widths) > 1:
         counts = {w: sum(len(r[3]) == w for r in rows) for w in widths}
         first = {w: next(r[2] for r in rows if len(r[3]) == w) for w in widths}

@@ -89,7 +89,7 @@ def test_test_list_split_exact_contents_and_rejects(ava, tmp_path, capsys):
     assert ids["test"] == ["1001", "1002", "1015"]
     assert len(ids["val"]) == 4 and set(ids["val"]) <= set(GOOD + [TRUNCATED]) - {"1001", "1002", "1015"}
     captured = capsys.readouterr()
-    assert "1 id(s) of --test_list are not in" in captured.err and "5555" in captured.err
+    assert "1 id of --test_list is not in" in captured.err and "5555" in captured.err
     assert "26 entries" in captured.out
     assert "rejected 5 (2 missing, 2 unreadable, 1 zero votes)" in captured.out
     assert "train 14, val 4, test 3" in captured.out
@@ -137,7 +137,7 @@ def test_malformed_ava_txt_reports_every_line_and_exits_2(ava, tmp_path, capsys)
     out = tmp_path / "out"
     assert run(["--ava_txt", ava_txt, "--img_path", ava / "images", "--out_dir", out, "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "4 problem(s)" in err
+    assert "4 problems" in err
     for expected in (":2: has 14 columns, expected 15", ":3, column 5: 'many' is not an integer",
                      ":4, column 3: negative vote count -3", f":6, column 2: duplicate image id '{GOOD[0]}' (first on line 1)"):
         assert f"{ava_txt}{expected}" in err, expected

@@ -202,7 +202,7 @@ def test_every_csv_problem_is_reported_at_once_before_training(demo_data, tmp_pa
                      ":6, columns 2-11: all-zero distribution", f":7, column 1: duplicate image id '{good[1][0]}' (first on line 2)",
                      ":8, column 1: image 'no_such_image' not found"):
         assert f"{bad_csv}{expected}" in captured.err, expected
-    assert "6 problem(s)" in captured.err
+    assert "6 problems" in captured.err
     assert "training" not in captured.out and not ckpt.exists()  # found before any work
 
 
