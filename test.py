@@ -87,7 +87,7 @@ def get_args_parser():
     p.add_argument("--contact_sheet", type=int, default=0, metavar="K",
                    help="also write contact_sheet.png: the K highest and K lowest scored images (0: off)")
     p.add_argument("--explain", default="0", metavar="K|all",
-                   help="also write explain/<image_id>.png: heat maps of what raises and lowers the predicted mean, for "
+                   help="also write explain/<image_id>.png (photo.jpg -> explain/photo.png): heat maps of what raises and lowers the predicted mean, for "
                         "the K highest and K lowest scored images, or every image with 'all' (0: off)")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")

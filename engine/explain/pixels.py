@@ -2,6 +2,7 @@
 function of [0, 1] pixels, where the model's centre crop lies in the photo, the
 predicted mean as a differentiable number, and safe file names for image ids."""
 import hashlib
+import os
 import re
 from contextlib import contextmanager
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms import functional as TF
 
+from dataset.images import is_image_file
 from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from model.nima import NUM_BINS
 
@@ -104,11 +106,16 @@ MAX_NAME_CHARS = 120
 
 
 def safe_name(image_id: str, taken: set = None) -> str:
-    """A file name for an image id (which may hold '/', spaces, '..'): unsafe runs of
-    characters become '_', a leading dot is escaped, long ids are cut. When the name is
-    already in `taken` (two ids that clean to the same name), a short hash of the id
+    """A file name without extension for an image id (which may hold '/', spaces, '..'):
+    an image extension is dropped, so the caller's own is the only one (`photo.png` ->
+    `photo`, written as photo.png, not photo.png.png); unsafe runs of characters become
+    '_', a leading dot is escaped, long ids are cut. When the name is already in `taken`
+    (two ids that clean to the same name, as a.jpg and a.png), a short hash of the id
     tells them apart. The name is added to `taken`."""
-    name = _UNSAFE.sub("_", str(image_id)).strip("_") or "image"
+    stem = str(image_id)
+    if is_image_file(stem):
+        stem = os.path.splitext(stem)[0]
+    name = _UNSAFE.sub("_", stem).strip("_") or "image"
     if name.startswith("."):
         name = "_" + name
     digest = hashlib.sha1(str(image_id).encode("utf-8", "surrogateescape")).hexdigest()[:8]
