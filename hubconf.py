@@ -41,7 +41,7 @@ def nima(checkpoint=None, base_model="vgg16", pretrained=False, device="cpu", no
         model_args = default_model_args(base_model)  # raises with the valid names
         unknown = sorted(set(kwargs) - (set(model_args) - {"base_model"}))
         if unknown:
-            raise ValueError(f"nima(): unknown argument(s) {', '.join(unknown)}; model arguments are "
+            raise ValueError(f"nima(): unknown argument{'s' if len(unknown) != 1 else ''} {', '.join(unknown)}; model arguments are "
                              f"{', '.join(sorted(set(model_args) - {'base_model'}))}")
         model_args.update(kwargs, **({"normalize": normalize} if normalize else {}))
         weights = "imagenet" if pretrained is True else ("none" if pretrained is False else str(pretrained))

@@ -112,7 +112,7 @@ def resolve(args):
     only = set(args.only.split(",")) if args.only else set(figures.ALL)
     unknown = only - set(figures.ALL)
     if unknown:
-        raise ValueError(f"--only: unknown figure(s) {', '.join(sorted(unknown))}; valid: {', '.join(figures.ALL)}")
+        raise ValueError(f"--only: unknown figure{'s' if len(unknown) != 1 else ''} {', '.join(sorted(unknown))}; valid: {', '.join(figures.ALL)}")
     return model_args, only
 
 

@@ -121,9 +121,25 @@ def test_folder_with_a_broken_file(setup, tmp_path, capsys):
     (photos / "broken.jpg").write_bytes(b"not an image")
     out = tmp_path / "out"
     assert run("--model", setup["ckpt"], "--image", photos, "--out", out, "--steps", "2") == 1
-    for sub in ("a.png", "sub_b.png"):
+    # One folder per photo, named without the photo's extension (a.png -> a, not a.png).
+    assert sorted(p.name for p in out.iterdir()) == ["a", "sub_b"]
+    for sub in ("a", "sub_b"):
         assert {p.name for p in (out / sub).iterdir()} == {"enhanced.jpg", "before_after.png", "enhance.json"}
-    assert "broken.jpg" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and f"1 of 3 photos failed; the other 2 are written under {out}" in err
+    # One photo written beside the broken one: "the other", not "the others".
+    (photos / "sub" / "b.png").unlink()
+    assert run("--model", setup["ckpt"], "--image", photos, "--out", tmp_path / "out2", "--steps", "2") == 1
+    assert f"1 of 2 photos failed; the other is written under {tmp_path / 'out2'}" in capsys.readouterr().err
+    # Every photo broken.
+    (photos / "a.png").unlink()
+    (photos / "sub" / "c.jpg").write_bytes(b"not an image either")
+    assert run("--model", setup["ckpt"], "--image", photos, "--out", tmp_path / "out4", "--steps", "2") == 1
+    assert f"2 of 2 photos failed; none is written under {tmp_path / 'out4'}" in capsys.readouterr().err
+    # A single broken photo: its own error line, no summary about other photos.
+    assert run("--model", setup["ckpt"], "--image", photos / "broken.jpg", "--out", tmp_path / "out3") == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "other" not in err and "failed;" not in err
 
 
 @pytest.mark.parametrize("argv,flag", [(["--params", "brightness,glow"], "--params"), (["--steps", "1", "--sweep", "gamma"], "--steps"),

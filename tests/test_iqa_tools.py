@@ -198,4 +198,4 @@ def test_live_in_the_wild_mat_files_without_the_practice_images(tmp_path, capsys
     table = read_label_csv(tmp_path / "out" / "test_labels.csv", tmp_path, require_images=False)
     assert table.dists.shape == (len(table), 10)
     code, _, err = convert(capsys, "--dataset", "clive", "--src", tmp_path / "AllMOS_release.mat", "--out_dir", tmp_path / "bad")
-    assert code == 2 and "takes 3 --src file(s)" in err
+    assert code == 2 and "takes 3 --src files" in err

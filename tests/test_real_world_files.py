@@ -120,7 +120,7 @@ def test_test_py_scores_every_valid_file_and_lists_every_broken_one(trained, mix
     with open(tmp_path / "warnings.csv") as f:
         warned = {warned_rel(os.path.relpath(r["path"], folder)): r["warning"] for r in csv.DictReader(f)}
     assert set(warned) == set(WARNED) and all(warned[k].startswith(v) for k, v in WARNED.items()), warned
-    assert f"{len(WARNED)} image(s) produced decoder warnings; see {tmp_path / 'warnings.csv'}" in err
+    assert f"{len(WARNED)} images produced decoder warnings; see {tmp_path / 'warnings.csv'}" in err
     assert (tmp_path / "contact_sheet.png").is_file()
     assert_no_traceback(err)
 

@@ -91,6 +91,7 @@ def test_unreadable_images_reported_others_done(originals, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert "4 written, 0 up to date, 2 failed" in out
     assert "empty.jpg: zero-byte file" in err and "garbage.jpg" in err
+    assert "2 of 6 images could not be cached:" in err
     assert (dst / "a" / "1001.jpg").exists() and not (dst / "a" / "empty.jpg").exists()
     assert not [p for p in dst.rglob("*") if p.name.endswith(".tmp")]
 

@@ -81,7 +81,7 @@ def test_folder_with_every_format_and_broken_files(photos, tmp_path, capsys):
     assert reasons["truncated.jpg"] == "truncated image"
     assert "identify" in reasons["text.jpg"]
     assert (out / "pred.txt").read_text().splitlines()[0].startswith("a_rgb.jpg mean: ")
-    assert "3 image(s) could not be read" in capsys.readouterr().err
+    assert "3 images could not be read" in capsys.readouterr().err
     assert not (out / "metrics.json").exists()
 
 

@@ -194,7 +194,7 @@ def main(args) -> int:
     if test_ids is not None:
         unknown = test_ids - votes_by_id.keys()
         if unknown:
-            print(f"warning: {len(unknown)} id(s) of --test_list are not in {args.ava_txt}, ignored "
+            print(f"warning: {len(unknown)} id{'s' if len(unknown) != 1 else ''} of --test_list {'are' if len(unknown) != 1 else 'is'} not in {args.ava_txt}, ignored "
                   f"(e.g. {', '.join(sorted(unknown)[:5])})", file=sys.stderr)
     try:
         splits = split_ids(usable, args.seed, args.val_size, args.test_size, test_ids)

@@ -2,7 +2,7 @@
 
     python -m tools.enhance --model CKPT --image PHOTO --out DIR [--params brightness,contrast] [--steps N]
     python -m tools.enhance --model CKPT --image PHOTO --out DIR --sweep contrast --steps 7
-    python -m tools.enhance --model CKPT --image FOLDER --out DIR      (one subfolder per photo)
+    python -m tools.enhance --model CKPT --image FOLDER --out DIR      (a subfolder per photo: a.jpg -> DIR/a)
 
 Finds, by gradient ascent through the model, the global enhancement (brightness,
 contrast, saturation, gamma, sharpness, each within natural bounds: engine/explain/enhance.py)
@@ -145,8 +145,10 @@ def main(args) -> int:
             continue
         if not args.quiet:
             tqdm.write(line)
-    if failed:
-        print(f"{failed} of {len(jobs)} photo(s) failed; the others are written under {args.out}", file=sys.stderr)
+    if failed and len(jobs) > 1:  # one photo: its error line says it all
+        done = len(jobs) - failed
+        written = "none is written" if done == 0 else "the other is written" if done == 1 else f"the other {done} are written"
+        print(f"{failed} of {len(jobs)} photos failed; {written} under {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -179,7 +179,7 @@ def read_entries(dataset, src):
     scale = SCALES[dataset]
     expected = SOURCE_COUNT.get(dataset, 1)
     if len(src) != expected:
-        raise UsageError(f"--dataset {dataset} takes {expected} --src file(s): {SOURCES[dataset]}; got {len(src)}")
+        raise UsageError(f"--dataset {dataset} takes {expected} --src file{'s' if expected != 1 else ''}: {SOURCES[dataset]}; got {len(src)}")
     for path in src:
         if not os.path.isfile(path):
             raise UsageError(f"--src {path}: no such file")

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--shard_size must be >= 1, got {args.shard_size}")
         old = existing_shards(args.out)
         if old and not args.overwrite:
-            raise ValueError(f"--out {args.out} already holds {len(old)} shard(s) ({old[0]}, ...); add --overwrite to "
+            raise ValueError(f"--out {args.out} already holds {len(old)} shard{'s' if len(old) != 1 else ''} ({old[0]}{', ...' if len(old) > 1 else ''}); add --overwrite to "
                              f"replace them, or choose another folder")
         todo = members(args)
     except (ValueError, LabelFileError) as exc:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
             failed += write_shard(os.path.join(args.out, shard_name(n)), batch)
             count = n + 1
             if not args.quiet:
-                print(f"{os.path.join(args.out, shard_name(n))}: {len(batch)} file(s)")
+                print(f"{os.path.join(args.out, shard_name(n))}: {len(batch)} file{'s' if len(batch) != 1 else ''}")
         for name in old:  # a shorter rerun: no shard of the earlier run is left to be scored with these
             if int(name[:-4]) >= count:
                 os.remove(os.path.join(args.out, name))
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spec = os.path.join(args.out, "{" + f"{0:06d}..{count - 1:06d}" + "}.tar")
-    print(f"packed {len(todo) - len(failed)} of {len(todo)} images into {count} shard(s); score them with: "
+    print(f"packed {len(todo) - len(failed)} of {len(todo)} image{'s' if len(todo) != 1 else ''} into {count} "
+          f"shard{'s' if count != 1 else ''}; score them with: "
           f"--test_images '{spec}'")
     for src, reason in failed:
         print(f"  left out {src}: {reason}", file=sys.stderr)

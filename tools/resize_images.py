@@ -135,7 +135,7 @@ def main(args) -> int:
     print(f"{args.dst}: {written} written, {len(results) - written - len(failed)} up to date, "
           f"{len(failed)} failed, of {len(results)} images under {args.src}")
     if failed:
-        print(f"{len(failed)} image(s) could not be cached (the others were):", file=sys.stderr)
+        print(f"{len(failed)} of {len(results)} image{'s' if len(results) != 1 else ''} could not be cached:", file=sys.stderr)
         for path, reason in failed:
             print(f"  {path}: {reason}", file=sys.stderr)
         return 1

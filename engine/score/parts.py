@@ -107,7 +107,7 @@ def prepare(folder, record: dict, resume: bool) -> str:
             differ = sorted(k for k in set(old) | set(json_record) if old.get(k) != json_record.get(k))
             raise PartsResumeError(f"--resume: the parts in {folder} come from another run (different {', '.join(differ)}); "
                               f"rerun with that run's flags and inputs, or without --resume to start over")
-        note = f"resuming: {len(parts)} part file(s) in {folder} already scored; their images are skipped"
+        note = f"resuming: {len(parts)} part file{'s' if len(parts) != 1 else ''} in {folder} already scored; their images are skipped"
     else:
         if resume:
             note = f"--resume: no earlier run in {folder}; scoring everything"

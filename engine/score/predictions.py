@@ -92,9 +92,9 @@ def print_report(out_dir, scored, total, metrics, errors, warned, pictures, titl
         print(f"on the data set's scale {s['score_range'][0]:g}..{s['score_range'][1]:g} (predicted mean mapped back): "
               f"SRCC {s['srcc_mean']:.4f}  LCC {s['plcc_mean']:.4f}  MAE {s['mae_mean']:.4f}  RMSE {s['rmse_mean']:.4f}")
     if warned:  # scored all the same; the text of each is in the file, not on the terminal
-        print(f"{len(warned)} image(s) produced decoder warnings; see {os.path.join(out_dir, 'warnings.csv')}",
+        print(f"{len(warned)} image{'s' if len(warned) != 1 else ''} produced decoder warnings; see {os.path.join(out_dir, 'warnings.csv')}",
               file=sys.stderr)
     if errors:
-        print(f"{len(errors)} image(s) could not be read; see {os.path.join(out_dir, 'errors.csv')}", file=sys.stderr)
+        print(f"{len(errors)} image{'s' if len(errors) != 1 else ''} could not be read; see {os.path.join(out_dir, 'errors.csv')}", file=sys.stderr)
         for path, reason in errors[:10]:
             print(f"  {path}: {reason}", file=sys.stderr)
