@@ -112,7 +112,7 @@ def test_main_py_test_and_gpu_decode_write_what_test_py_writes(case, tmp_path, c
         assert (test_dir / name).read_bytes() == (plain / name).read_bytes(), name
     assert (test_dir / "scatter.png").exists() and not (test_dir / "parts").exists()
     assert f"test set ({case['ckpt'] / 'best.pth'}): scored 6 of 8 images" in report.out
-    assert "2 image(s) could not be read" in report.err
+    assert "2 images could not be read" in report.err
     # --gpu_decode: the JPEGs decoded by torchvision, the PNG and the broken files by
     # Pillow. At the resize size there is no resize, and the decoded pixels are equal.
     for name in ("predictions.csv", "pred.txt", "metrics.json", "errors.csv"):
@@ -172,7 +172,8 @@ def test_gpu_decode_takes_every_source_parquet_and_resume(mixed, tmp_path, capsy
         p.unlink()
     capsys.readouterr()
     assert run_test(common + ["--predictions", device, "--gpu_decode", "--resume", "--keep_parts"]) == 1
-    assert f"resuming: {len(parts) - 2} part file(s)" in capsys.readouterr().out
+    kept = len(parts) - 2
+    assert f"resuming: {kept} part file{'s' if kept > 1 else ''} in" in capsys.readouterr().out
     new = set((device / "parts").glob("part-*.csv")) - set(parts)
     assert {r["ref"] for p in new for r in read_rows(p.parent, p.name)} == lost
     c = read_rows(device)

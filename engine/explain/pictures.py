@@ -93,9 +93,9 @@ def heat_overlay(rgb, heat) -> Image.Image:
 
 def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, device=None, max_pixels=None,
                        show_progress=True) -> list:
-    """explain/<safe image id>.png in out_dir (safe_name: photo.jpg -> photo.png) for the rows (of predictions.csv:
-    read_predictions) that select_rows picks (k: count or 'all'); PNGs of an older run in
-    explain/ are removed.
+    """explain/<safe image id>.png in out_dir (safe_name: photo.jpg -> photo.png) for the
+    rows (of predictions.csv: read_predictions) that select_rows picks (k: count or 'all');
+    PNGs of an older run in explain/ are removed.
     An image that cannot be read again (changed since it was scored) is reported and
     skipped. Returns the paths written."""
     rows = select_rows(rows, k)
