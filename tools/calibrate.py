@@ -19,7 +19,6 @@ if not __package__:  # run by path (python tools/calibrate.py): run as python -m
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import math
 import os
 import sys
@@ -33,7 +32,7 @@ from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.sources import table_source
 from engine.distributed import pick_device
-from engine.flags import HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from engine.loaders import default_batch_size, default_workers
 from engine.metrics import compute_metrics, format_table, mean_and_std
 from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
@@ -47,9 +46,9 @@ KEPT_FIGURES = ("emd", "srcc_mean", "plcc_mean", "accuracy")
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Score a set of photos with a checkpoint and write a copy of it whose model "
-                                            "card holds the percentiles of its scores.",
-                                formatter_class=HelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Score a set of photos with a checkpoint and write a copy of it whose model "
+                       "card holds the percentiles of its scores.",
+                       formatter_class=HelpFormatter, allow_abbrev=False)
     p.add_argument("--model", required=True, help="checkpoint: ours or the reference's released state_dict")
     p.add_argument("--csv", required=True, help="the photos to score: a label CSV (id + 10 ratings, or ids only; "
                                                 "with --label_format mos, image_id,mos[,std])")

@@ -11,18 +11,17 @@ if not __package__:  # run by path (python tools/model_card.py): run as python -
     import _by_path
     _by_path.run_as_module(__file__)
 
-import argparse
 import json
 import sys
 
-from engine.flags import HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from model import CheckpointError
 from model.card import full_text, read_card
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Print the model card of a NIMA checkpoint.", formatter_class=HelpFormatter,
-                                allow_abbrev=False)
+    p = ArgumentParser(description="Print the model card of a NIMA checkpoint.", formatter_class=HelpFormatter,
+                       allow_abbrev=False)
     p.add_argument("checkpoint", help="ours (best.pth, epoch-N.pth, last.pth) or the reference's released state_dict")
     p.add_argument("--json", action="store_true", help="print the card as JSON (every field, the quantiles in full)")
     add_normalize_flag(p)
