@@ -38,6 +38,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from engine.flags import ArgumentParser
 from fileio import atomic_write_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -167,9 +168,9 @@ def verdict(code) -> str:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Plant each mutation of a list alone in a copy of the repository and "
-                                            "report whether its tests catch it.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    p = ArgumentParser(description="Plant each mutation of a list alone in a copy of the repository and "
+                       "report whether its tests catch it.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     p.add_argument("--mutations", default=os.path.join("tests", "mutations.txt"),
                    help="the mutation list (relative paths: from --repo)")
     p.add_argument("--repo", default=ROOT, help="the repository to copy (the one this tool is in)")
