@@ -8,36 +8,19 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 --strict_images); 2 bad usage or configuration, reported before any heavy work;
 130/143 stopped by SIGINT/SIGTERM after saving last.pth.
 """
+import dataclasses
 import os
 import shutil
 import sys
 
-import torch
-
-from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_transform
+# Only torch-free modules here: --help and a usage error answer without importing torch
+# (seconds); main() imports the rest once the flags are checked.
 from dataset.images import DEFAULT_MAX_PIXELS
-from dataset.labels import shared_images
 from dataset.mos import LABEL_FORMATS
-from dataset.sources import table_source
-from dataset.transforms import check_tta
-from engine import distributed
-from engine.train.checkpoints import MONITORS, RunCheckpoints
-from engine.flags import ArgumentParser, HelpFormatter, str2bool
-from engine.score.collection import score_to_files
-from engine.score.inference import evaluate, inference_dataset
-from engine.loaders import make_loader
-from engine.train.optim import OPTIMIZERS, SCHEDULES, current_lrs, set_base_frozen
-from engine.train.card import set_data
-from engine.train.log import RunLog
-from engine.train.setup import UsageError, build_run, check_recipe_flags, read_labels
-from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
-from engine.train.signals import StopOnSignals, StopRequested
-from engine.train.epoch import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss, train_one_epoch
-from fileio import OutputWriteError, check_writable
-from model import CheckpointError, PretrainedWeightsError, list_backbones, load_for_inference
-from model.card import finish, print_card, read_card
-from model.checkpoint import NORMALIZE_CHOICES
-from model.nima import DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS
+from dataset.constants import check_tta
+from engine.flags import SPEED_CHOICES, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, str2bool
+from engine.train.options import MONITORS, OPTIMIZERS, SCHEDULES, UsageError, check_recipe_flags
+from model.constants import BACKBONE_NAMES, DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS, NORMALIZE_CHOICES
 
 
 def get_args_parser():
@@ -103,7 +86,7 @@ def get_args_parser():
     # The model flags default to None: resolve_model_args fills in the defaults, or the
     # checkpoint's values for a resume, warm start or --init_from (None = not typed).
     g.add_argument("--base_model", default=None,
-                   help=f"one of: {', '.join(list_backbones())}; or any other torchvision classification model by name "
+                   help=f"one of: {', '.join(BACKBONE_NAMES)}; or any other torchvision classification model by name "
                         f"(default: {DEFAULT_BASE_MODEL})")
     g.add_argument("--head", choices=HEADS, default=None,
                    help="reference: dropout + Linear(features, 10) + softmax; paper (vgg16 only): keep VGG16's fc6/fc7, "
@@ -122,11 +105,16 @@ def get_args_parser():
     g.add_argument("--gpu_ids", type=int, nargs="+", default=None, help="with --multi_gpu: the GPUs to use")
     g.add_argument("--dist_timeout", type=int, default=600,
                    help="under torchrun: seconds a rank waits in a collective for the others before the job fails")
-    g.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
-    g.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
+    g.add_argument("--amp", choices=SPEED_CHOICES, default="auto",
+                   help="bf16 autocast (auto: on CUDA with bf16; training on a CPU stays float32, and --test scores as "
+                        "test.py's auto does)")
+    g.add_argument("--channels_last", choices=SPEED_CHOICES, default="auto",
+                   help="channels_last memory format (auto: on CUDA; on a CPU, off for training and as test.py's auto "
+                        "for --test)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--uint8_transfer", choices=UINT8_TRANSFER_CHOICES, default="auto",
                    help="loader workers hand uint8 crops; the device converts and normalises them (auto: on for CUDA)")
+    add_decode_flag(g)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
 
@@ -156,6 +144,9 @@ def check_usage(args) -> None:
 
 def main(args) -> int:
     if args.multi_gpu and "WORLD_SIZE" not in os.environ:
+        import torch
+
+        from engine import distributed
         # Not started for the user: torchrun owns the worker processes, their restarts and
         # their signals, and the user should see (and keep) the command that does it.
         n = len(args.gpu_ids) if args.gpu_ids else max(torch.cuda.device_count(), 1)
@@ -164,13 +155,21 @@ def main(args) -> int:
         return 2
     try:
         check_usage(args)
-        dist_info, device = distributed.setup(args.device, args.dist_timeout)
     except ValueError as exc:  # UsageError included
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
+    from engine import distributed  # the first import of torch (seconds), after the usage checks
+    from engine.runtime import Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
+    from fileio import OutputWriteError
+    from model import CheckpointError, PretrainedWeightsError
+    try:
+        dist_info, device = distributed.setup(args.device, args.dist_timeout)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device, training=True)
     rt = Runtime(device, amp, channels_last, dist_info, show_progress=not args.quiet,
-                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device))
+                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device), jpeg_draft=not args.exact_decode)
     configure_backends(rt)  # cudnn.benchmark; IEEE float32 convolutions under --amp off
     try:
         code = 0
@@ -190,14 +189,17 @@ def main(args) -> int:
 def train_loaders(args, rt, model_args, train_table, val_table):
     """(training sampler, training loader, validation loader). The training order is a
     function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
+    from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_transform
+    from engine.loaders import make_loader
+    from engine.score.inference import inference_dataset
     size = model_args["image_size"]
     train_set = ImageDataset.from_table(train_table, train_transform(model_args, uint8=rt.uint8_transfer), (3, size, size),
-                                        args.max_image_pixels)
+                                        args.max_image_pixels, draft=rt.jpeg_draft)
     sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
     # drop_last only under --compile, where a smaller last batch would trigger a recompile.
     train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
     val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels,
-                                uint8=rt.uint8_transfer)
+                                uint8=rt.uint8_transfer, draft=rt.jpeg_draft)
     val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
                              sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
     return sampler, train_loader, val_loader
@@ -211,6 +213,22 @@ def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, war
 
 
 def train(args, rt) -> int:
+    import torch
+
+    from dataset.labels import shared_images
+    from engine import distributed
+    from engine.score.inference import evaluate
+    from engine.train import epoch as epoch_loop  # epoch_loop.train_one_epoch: looked up per call, as tests wrap it
+    from engine.train.card import set_data
+    from engine.train.checkpoints import RunCheckpoints
+    from engine.train.epoch import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss
+    from engine.train.log import RunLog
+    from engine.train.optim import current_lrs, set_base_frozen
+    from engine.train.setup import build_run, read_labels
+    from engine.train.signals import StopOnSignals, StopRequested
+    from fileio import check_writable
+    from model.card import finish
+
     log = print if rt.dist.is_main else (lambda *a, **k: None)
     train_table = read_labels(args, args.train_csv_file, log)
     val_table = read_labels(args, args.val_csv_file, log)
@@ -263,7 +281,7 @@ def train(args, rt) -> int:
                 if args.freeze_base_epochs and epoch in (first_epoch, args.freeze_base_epochs + 1):
                     log(f"epoch {epoch}: " + (f"training the head only, the base frozen through epoch {args.freeze_base_epochs}"
                                               if frozen else "training the whole network"))
-                progress = train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
+                progress = epoch_loop.train_one_epoch(net, train_loader, optimizer, rt, epoch, progress, strict_images=args.strict_images,
                                            paths=train_table.paths, writer=run_log and run_log.writer,
                                            global_step=(epoch - 1) * steps_per_epoch, clip_grad_norm=args.clip_grad_norm,
                                            on_step=on_step, log=print)  # every rank reports the unreadable images of its shard
@@ -326,6 +344,15 @@ def test_split(args, rt) -> int:
     """--test: score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under
     --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test,
     through test.py's pipeline (engine/score/collection.py)."""
+    import torch
+
+    from dataset.sources import table_source
+    from engine.runtime import describe_runtime, resolve_speed_flags
+    from engine.score.collection import score_to_files
+    from engine.train.setup import read_labels
+    from model import load_for_inference
+    from model.card import print_card, read_card
+
     name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
     path = os.path.join(args.ckpt_path, name)
     table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
@@ -334,8 +361,12 @@ def test_split(args, rt) -> int:
     card = read_card(path, normalize)
     if rt.dist.is_main:
         print_card(card)
-    rt = rt.for_model(model_args)
-    if rt.channels_last:  # the inputs are channels_last on CUDA, so the weights are too
+    # Scoring, not training: 'auto' picks as test.py's does (bf16 on a CPU that has it, ...).
+    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, rt.device, model_args["base_model"])
+    rt = dataclasses.replace(rt, amp=amp, channels_last=channels_last).for_model(model_args)
+    if rt.dist.is_main:
+        print(describe_runtime(rt, model_args, args.num_workers), flush=True)
+    if rt.channels_last:  # as test.py: the inputs are channels_last, so the weights are too
         model = model.to(memory_format=torch.channels_last)
     result = score_to_files(model, model_args, [table_source(table)], rt, os.path.join(args.ckpt_path, "test"),
                             model_path=path, table=table, batch_size=args.test_batch_size, workers=args.num_workers,

@@ -15,13 +15,10 @@ import signal
 import socket
 import sys
 
-import torch
-
+# Only torch-free modules here: --help and a usage error answer without importing torch
+# (seconds); main() imports the rest once the flags are checked.
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
-from engine.runtime import configure_backends
-from model import CheckpointError
-from model.card import print_card
+from engine.flags import ArgumentParser, HelpFormatter, add_decode_flag, add_normalize_flag, add_speed_flags
 
 API_KEY_ENV = "NIMA_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -36,7 +33,8 @@ def get_args_parser():
                                                         "behind a load balancer or with --api_key")
     p.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (the address is printed)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto: CUDA when present)")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast, as test.py (auto: on for CUDA with bf16)")
+    add_speed_flags(p, threads=False)
+    add_decode_flag(p)
     p.add_argument("--max_batch", type=int, default=32, help="most images per forward pass, across concurrent requests")
     p.add_argument("--max_wait_ms", type=float, default=5.0, help="longest an image waits for others to share its forward pass")
     p.add_argument("--max_body_mb", type=float, default=20.0, help="largest request body in MiB (larger: 413)")
@@ -96,6 +94,11 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import torch  # the first import of torch (seconds), after the usage checks
+
+    from engine.runtime import configure_backends, describe_runtime
+    from model import CheckpointError
+    from model.card import print_card
     # The web packages are optional (requirements-serve.txt): import them only here.
     try:
         import uvicorn
@@ -107,14 +110,16 @@ def main(args) -> int:
               file=sys.stderr)
         return 2
     try:
-        scorer = Scorer.from_checkpoint(args.model, device=args.device, amp=args.amp,
-                                        max_image_pixels=args.max_image_pixels, normalize=args.normalize)
+        scorer = Scorer.from_checkpoint(args.model, device=args.device, amp=args.amp, channels_last=args.channels_last,
+                                        max_image_pixels=args.max_image_pixels, normalize=args.normalize,
+                                        exact_decode=args.exact_decode)
         sock = bind(args.host, args.port)
     except (ValueError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print_card(scorer.card)  # what the scores come from, and a toy model's warning
     configure_backends(scorer.rt)  # on CUDA as test.py: cuDNN autotuning, no TF32 under --amp off
+    print(describe_runtime(scorer.rt, scorer.model_args, args.workers, "decoding process"), flush=True)
     size = scorer.model_args["image_size"]
     scorer.score_tensors(torch.zeros(1, 3, size, size))  # first-call set-up now, not in the first request
     config = ServeConfig(checkpoint=os.path.basename(args.model), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,

@@ -14,26 +14,16 @@ written); 2 bad usage or unreadable checkpoint/CSV.
 import os
 import sys
 
-import torch
-
+# Only torch-free modules here: --help and a usage error answer without importing torch
+# (seconds); run() imports the rest.
 from dataset import LabelFileError, read_label_csv
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
+from dataset.constants import check_tta
 from dataset.sources import resolve_specs, table_source
-from dataset.transforms import check_tta
-from engine import distributed
-from engine.score.collection import PART_SIZE, collection_workers, score_to_files
-from engine.explain.pictures import parse_explain, write_explanations
-from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
-from engine.loaders import default_batch_size
-from engine.score.merge import PARQUET_HINT, OpenersById
-from engine.score.parts import PartsResumeError
-from engine.score.predictions import read_predictions
-from engine.runtime import UINT8_TRANSFER_CHOICES, Runtime, configure_backends, resolve_speed_flags, resolve_uint8_transfer
-from fileio import OutputWriteError
-from model import CheckpointError, load_for_inference
-from model.card import print_card, read_card
-from model.checkpoint import recorded_args
+from engine.flags import (PARQUET_HINT, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_normalize_flag,
+                          add_speed_flags, check_threads, parse_explain)
+from engine.score.parts import PART_SIZE
 
 
 def get_args_parser():
@@ -78,8 +68,8 @@ def get_args_parser():
     p.add_argument("--tta", type=int, default=1, help="average over N fixed crops (centre, 4 corners, then their flips); 1 = centre crop only")
     add_normalize_flag(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on for CUDA with bf16)")
-    p.add_argument("--channels_last", choices=["auto", "on", "off"], default="auto", help="channels_last memory format (auto: on for CUDA)")
+    add_speed_flags(p)
+    add_decode_flag(p)
     p.add_argument("--uint8_transfer", choices=UINT8_TRANSFER_CHOICES, default="auto",
                    help="loader workers hand uint8 crops; the device converts and normalises them (auto: on for CUDA)")
     p.add_argument("--gpu_decode", action="store_true",
@@ -103,6 +93,8 @@ def check_flags(args) -> None:
     if args.contact_sheet < 0:
         raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
     check_max_pixels(args.max_image_pixels)
+    check_threads(args.threads)
+    parse_explain(args.explain)
     if args.part_size < 1 or args.dist_timeout < 1:
         raise ValueError(f"--part_size and --dist_timeout must be >= 1, got {args.part_size} and {args.dist_timeout}")
     if not args.test_images and not args.file_list:
@@ -139,6 +131,12 @@ def main(args) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports usage errors
     try:
         check_flags(args)
+    except ValueError as exc:
+        if is_main:
+            print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from engine import distributed  # the first import of torch (seconds), after the usage checks
+    try:
         dist_info, device = distributed.setup(args.device, args.dist_timeout)
     except ValueError as exc:
         if is_main:
@@ -151,6 +149,21 @@ def main(args) -> int:
 
 
 def run(args, dist_info, device) -> int:
+    import torch
+
+    from engine.explain.pictures import write_explanations
+    from engine.loaders import default_batch_size
+    from engine.runtime import (Runtime, configure_backends, describe_runtime, resolve_speed_flags, resolve_threads,
+                                resolve_uint8_transfer)
+    from engine.score.collection import collection_workers, score_to_files
+    from engine.score.merge import OpenersById
+    from engine.score.parts import PartsResumeError
+    from engine.score.predictions import read_predictions
+    from fileio import OutputWriteError
+    from model import CheckpointError, load_for_inference
+    from model.card import print_card, read_card
+    from model.checkpoint import recorded_args
+
     try:
         explain = parse_explain(args.explain)
         _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
@@ -166,11 +179,13 @@ def run(args, dist_info, device) -> int:
         return 2
     if dist_info.is_main:
         print_card(card)  # what the scores will come from, and a toy model's warning
-    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device)
+    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, device, model_args["base_model"])
     rt = Runtime(device=device, amp=amp, channels_last=channels_last, dist=dist_info, show_progress=not args.quiet,
-                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device),
-                 gpu_decode=args.gpu_decode).for_model(model_args)
-    configure_backends(rt)  # cudnn.benchmark; IEEE float32 convolutions under --amp off
+                 uint8_transfer=resolve_uint8_transfer(args.uint8_transfer, device), gpu_decode=args.gpu_decode,
+                 jpeg_draft=not args.exact_decode, threads=resolve_threads(args.threads, device)).for_model(model_args)
+    configure_backends(rt)  # threads; cudnn.benchmark; IEEE float32 convolutions under --amp off
+    if dist_info.is_main:
+        print(describe_runtime(rt, model_args, workers), flush=True)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     try:
@@ -184,7 +199,7 @@ def run(args, dist_info, device) -> int:
         ids, openers, errors = result
         if explain:  # from the predictions.csv just written
             rows = read_predictions(os.path.join(args.predictions, "predictions.csv"))
-            write_explanations(model, model_args, args.predictions, rows, OpenersById(ids, openers), explain, device,
+            write_explanations(model, model_args, args.predictions, rows, OpenersById(ids, openers), explain, rt,
                                args.max_image_pixels, show_progress=not args.quiet)
     except (OutputWriteError, PartsResumeError) as exc:
         if rt.dist.is_main:

@@ -31,9 +31,11 @@ class ImageDataset(Dataset):
     """Items are dicts: index, image (C, H, W) or (N, C, H, W) under TTA, target (10,),
     ok (bool), error (str, '' when ok), warning (decoder warnings, '' when none).
 
-    max_pixels: --max_image_pixels (None: Pillow's default limit)."""
+    max_pixels: --max_image_pixels (None: Pillow's default limit). draft: decode a large
+    JPEG reduced, never below the transform's resize size (dataset.images.draft; the
+    CLIs' default, off under --exact_decode)."""
 
-    def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None):
+    def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None, draft=False):
         self.paths = list(paths)
         self.dists = None if dists is None else torch.as_tensor(dists, dtype=torch.float32)
         self.transform = transform
@@ -41,6 +43,7 @@ class ImageDataset(Dataset):
         self.blank_dtype = getattr(transform, "output_dtype", torch.float32)
         self.max_pixels = check_max_pixels(max_pixels)
         self.resize_to = resize_target(transform)
+        self.draft_side = self.resize_to if draft else None
 
     def __len__(self):
         return len(self.paths)
@@ -60,7 +63,7 @@ class ImageDataset(Dataset):
         file object (a tar member's bytes). Never raises for a bad image: it comes back
         blank with ok False and the reason."""
         try:
-            rgb, warning = read_rgb(source, self.max_pixels)
+            rgb, warning = read_rgb(source, self.max_pixels, self.draft_side)
             if self.resize_to:  # before the resize allocates it
                 check_resizable(rgb.size, self.resize_to, self.max_pixels)
             return self.transform(rgb), True, "", warning
@@ -74,5 +77,5 @@ class ImageDataset(Dataset):
         return torch.zeros(self.image_shape, dtype=self.blank_dtype)
 
     @classmethod
-    def from_table(cls, table, transform, image_shape, max_pixels=None):
-        return cls(table.paths, transform, table.dists, image_shape, max_pixels)
+    def from_table(cls, table, transform, image_shape, max_pixels=None, draft=False):
+        return cls(table.paths, transform, table.dists, image_shape, max_pixels, draft)

@@ -131,12 +131,25 @@ def _open_and(source, read, max_pixels=None):
     return result, (warning if len(warning) <= MAX_REASON_CHARS else warning[:MAX_REASON_CHARS - 3] + "...")
 
 
-def upright_rgb(img) -> Image.Image:
+def draft(img, draft_side) -> None:
+    """Before decoding: let libjpeg decode `img` already reduced (DCT-domain scaling by 1/2,
+    1/4 or 1/8), by the largest factor that keeps its shorter side at least `draft_side`
+    (the model's resize size: the resize that follows then only has less to shrink). A
+    12-megapixel photo decodes about 8x faster. Pillow picks the factor: s <= min(W, H) //
+    draft_side, so the reduced shorter side ceil(min(W, H) / s) stays >= draft_side. No
+    effect on other formats, on smaller JPEGs, on an image already decoded, or for None."""
+    if draft_side:
+        img.draft(None, (draft_side, draft_side))
+
+
+def upright_rgb(img, draft_side=None) -> Image.Image:
     """A decoded image as the model sees it: EXIF orientation applied, any mode converted
     to RGB. The frame is the one the image is at: a freshly opened file is at its first
-    frame (a PSD's is 1, not 0), and an ICO/ICNS opens at its largest size. Raises
-    ImageReadError with a short reason, whatever failed. For files use load_rgb."""
+    frame (a PSD's is 1, not 0), and an ICO/ICNS opens at its largest size. With
+    `draft_side`, a large JPEG is decoded reduced (see draft). Raises ImageReadError with
+    a short reason, whatever failed. For files use load_rgb."""
     try:
+        draft(img, draft_side)
         img.load()
         try:
             upright = ImageOps.exif_transpose(img)
@@ -168,20 +181,23 @@ def _verified_size(img) -> tuple:
     return size
 
 
-def read_rgb(source, max_pixels=None) -> tuple:
+def read_rgb(source, max_pixels=None, draft_side=None) -> tuple:
     """(RGB image, warning text) of `source`: load_rgb, plus the text of the decoder
     warnings it raised ('' when none)."""
-    return _open_and(source, upright_rgb, max_pixels)
+    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels)
 
 
-def load_rgb(source, max_pixels=None) -> Image.Image:
+def load_rgb(source, max_pixels=None, draft_side=None) -> Image.Image:
     """Decode `source` (a path, or a binary file object such as an upload's BytesIO)
     fully, apply its EXIF orientation, return an RGB image.
 
     max_pixels: width x height above which an image is refused (--max_image_pixels);
-    None is Pillow's default limit. Decoder warnings are swallowed (read_rgb returns
-    them). Raises ImageReadError with a short reason for anything that cannot be used."""
-    return _open_and(source, upright_rgb, max_pixels)[0]
+    None is Pillow's default limit. draft_side: for scoring, the model's resize size: a
+    JPEG at least twice as large is decoded reduced, its shorter side kept >= draft_side
+    (see draft); None decodes at full size. Decoder warnings are swallowed (read_rgb
+    returns them). Raises ImageReadError with a short reason for anything that cannot be
+    used."""
+    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels)[0]
 
 
 def header_size(source, max_pixels=None) -> tuple:

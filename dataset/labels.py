@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.nima import NUM_BINS
+from model.constants import NUM_BINS
 
 from .images import PREFERRED_EXTENSIONS, is_image_file
 

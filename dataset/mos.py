@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model.nima import NUM_BINS
+from model.constants import NUM_BINS
 
 from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, checked_widths, column_count_problems, label_rows,
                      parse_number, read_label_text, row_image, show_cell)

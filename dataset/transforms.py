@@ -14,16 +14,7 @@ import torch
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-# torchvision's ImageNet statistics: what --normalize imagenet subtracts and divides by.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-MAX_TTA = 10
-
-
-def check_tta(n: int) -> None:
-    """The one check of --tta (test.py, main.py --test, the Scorer, TTACrops)."""
-    if not 1 <= n <= MAX_TTA:
-        raise ValueError(f"--tta must be between 1 and {MAX_TTA} (the number of fixed crops), got {n}")
+from .constants import IMAGENET_MEAN, IMAGENET_STD, check_tta
 
 
 def _check_normalize(normalize: str) -> None:

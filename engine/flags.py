@@ -1,7 +1,12 @@
 """Flag values and the argument parser shared by the CLIs (main.py, test.py, serve.py,
-tools/, bench/). Torch-free: tools/check_requirements.py runs it before torch is installed."""
+tools/, bench/). Torch-free: tools/check_requirements.py runs it before torch is installed,
+and the CLIs answer --help and report a bad flag (exit 2) from this module and the other
+torch-free ones (model.constants, dataset.constants, dataset.images, dataset.mos,
+engine.train.options) before anything heavy is imported."""
 import argparse
 import difflib
+
+from model.constants import NORMALIZE_CHOICES
 
 TRUE_WORDS = ("1", "true", "yes", "y", "on")
 FALSE_WORDS = ("0", "false", "no", "n", "off")
@@ -92,8 +97,55 @@ def closest_flags(flag: str, known: list, n: int = 3) -> list:
 def add_normalize_flag(parser) -> None:
     """--normalize of every command that scores a checkpoint (test.py, serve.py,
     tools.export): which release a bare state_dict is, since the file does not say."""
-    from model.checkpoint import NORMALIZE_CHOICES
     parser.add_argument("--normalize", choices=NORMALIZE_CHOICES, default=None,
                         help="for a bare state_dict only (the reference's release format, which does not record it): "
                              "none for its 2018-2020 release (epoch-82.pth, assumed by default), imagenet for its June "
                              "2021 release (epoch-34.pth); our checkpoints record their own")
+
+
+SPEED_CHOICES = ("auto", "on", "off")
+UINT8_TRANSFER_CHOICES = ("auto", "on", "off")
+PARQUET_HINT = "pip install pyarrow (or -r requirements-parquet.txt)"  # what --output_format parquet needs
+
+
+def parse_explain(text):
+    """--explain: 0 (off), a count K >= 1, or 'all'. Returns 0, K or 'all'."""
+    if str(text).strip().lower() == "all":
+        return "all"
+    try:
+        k = int(text)
+    except (TypeError, ValueError):
+        k = -1
+    if k < 0:
+        raise ValueError(f"--explain must be a whole number K >= 0 (the K highest and K lowest scored images; 0: off) "
+                         f"or 'all', got {text!r}")
+    return k
+
+
+def add_speed_flags(parser, threads: bool = True) -> None:
+    """--amp, --channels_last (and --threads) of the commands that score: test.py, serve.py.
+    What 'auto' picks is engine/runtime.py's resolve_speed_flags and resolve_threads."""
+    parser.add_argument("--amp", choices=SPEED_CHOICES, default="auto",
+                        help="bf16 autocast (auto: on CUDA with bf16, and on a CPU with native bf16 (AVX512-BF16 or AMX) "
+                             "for the backbones whose scores it keeps; off: exact float32)")
+    parser.add_argument("--channels_last", choices=SPEED_CHOICES, default="auto",
+                        help="channels_last memory format (auto: on CUDA, and on a CPU for the backbones it makes faster)")
+    if threads:
+        parser.add_argument("--threads", type=int, default=None, metavar="N",
+                            help="torch's threads for the network on a CPU; default: one per core this process may "
+                                 "use (its CPU affinity)")
+
+
+def add_decode_flag(parser) -> None:
+    """--exact_decode of the commands that decode photos for the model (test.py, main.py,
+    serve.py): the full-size decode instead of the JPEG draft (dataset/images.py)."""
+    parser.add_argument("--exact_decode", action="store_true",
+                        help="decode JPEGs at full size; by default a JPEG at least twice the model's resize size is "
+                             "decoded already reduced by libjpeg (1/2, 1/4 or 1/8, never below the resize size), "
+                             "several times faster on camera photos, with scores within the bounds of "
+                             "docs/performance.md")
+
+
+def check_threads(threads) -> None:
+    if threads is not None and threads < 1:
+        raise ValueError(f"--threads must be >= 1 (leave it out for one per core), got {threads}")

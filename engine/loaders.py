@@ -28,6 +28,15 @@ def default_batch_size(device: torch.device) -> int:
     return 64 if device.type == "cuda" else 8
 
 
+def available_cores() -> int:
+    """The cores this process may run on: its CPU affinity (taskset, a container's cpuset),
+    which can be fewer than the machine's."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
 def default_workers(device: torch.device, num_items: int, batch_size: int) -> int:
     """DataLoader workers when none are given. None for a job of one batch: starting a
     worker costs more than decoding a few images. On a CPU the network, not the decoding,
@@ -37,7 +46,7 @@ def default_workers(device: torch.device, num_items: int, batch_size: int) -> in
     decoding is the bottleneck: up to 8."""
     if num_items <= batch_size:
         return 0
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     if device.type == "cuda":
         return min(8, cores)
     return 1 if cores <= 4 else min(8, cores // 4)

@@ -2,9 +2,6 @@
 import warnings
 
 import numpy as np
-import torch
-
-from model.loss import emd_per_sample
 
 # The paper's VGG16 row on AVA, printed next to a run's own figures.
 PAPER_VGG16 = {"accuracy": 0.806, "plcc_mean": 0.610, "srcc_mean": 0.592, "plcc_std": 0.205, "srcc_std": 0.202, "emd": 0.051}
@@ -54,6 +51,9 @@ def score_metrics(pred_mean, true_mean, pred_std=None, true_std=None) -> dict:
 
 def compute_metrics(pred_dists, true_dists) -> dict:
     """All the metrics (README, "Evaluating like the paper") over (N, 10) predicted and true distributions, every row once."""
+    import torch  # here, not at the top: tools.pred_txt needs only score_metrics, and answers --help without torch
+
+    from model.loss import emd_per_sample
     pred = torch.as_tensor(np.asarray(pred_dists), dtype=torch.float64)
     true = torch.as_tensor(np.asarray(true_dists), dtype=torch.float64)
     if pred.shape != true.shape or pred.dim() != 2 or len(pred) == 0:

@@ -9,6 +9,8 @@ import torch
 from dataset.transforms import uint8_to_input
 
 from engine.distributed import DistInfo
+from engine.flags import UINT8_TRANSFER_CHOICES
+from engine.loaders import available_cores
 
 
 @dataclass
@@ -28,6 +30,11 @@ class Runtime:
     # Scoring decodes JPEGs on the device in batches (engine/score/gpu_decode.py) instead of
     # with Pillow in the loader workers.
     gpu_decode: bool = False
+    # Pillow decodes a large JPEG already reduced, never below the model's resize size
+    # (dataset.images.draft): on unless --exact_decode.
+    jpeg_draft: bool = False
+    # torch's intra-op threads, set by configure_backends (None: torch's own default).
+    threads: int = None
 
     def for_model(self, model_args: dict) -> "Runtime":
         """This runtime with the input normalisation of the model about to run."""
@@ -55,21 +62,64 @@ class Runtime:
         return self.show_progress and self.dist.is_main
 
 
-def resolve_speed_flags(amp: str, channels_last: str, device: torch.device) -> tuple:
-    """'auto' turns bf16 autocast and channels_last on for CUDA devices that support
-    them and off on CPU, where float32 stays the default."""
+# Backbones whose scores bf16 autocast keeps on a CPU: measured against float32 on real
+# photographs with trained checkpoints (docs/performance.md, "What bf16 costs"; the bounds
+# are tests/test_cpu_precision.py's: Spearman of the means >= 0.999, every paper metric
+# within 0.002). Any other backbone scores in float32 under --amp auto on a CPU.
+CPU_BF16_BACKBONES = frozenset({"vgg16", "tiny_cnn"})
+# Backbones whose forward pass on a CPU is faster in channels_last, by precision: measured
+# with python -m bench.cpu_layouts (docs/performance.md, "What auto chooses").
+CPU_CHANNELS_LAST = {"bf16": frozenset({"vgg16"}),
+                     "float32": frozenset({"vgg16"})}
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX) as torch sees it.
+    Without either, bf16 autocast is emulated and slower than float32."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        supported = getattr(torch.cpu, probe, None)
+        if supported is not None and supported():
+            return True
+    return False
+
+
+def resolve_speed_flags(amp: str, channels_last: str, device: torch.device, base_model: str = None,
+                        training: bool = False) -> tuple:
+    """(bf16 autocast, channels_last) for --amp and --channels_last ('auto', 'on', 'off').
+
+    'auto' on CUDA: bf16 where the device supports it, and channels_last. On a CPU, for
+    scoring (`training` False): bf16 where the processor has it natively and the backbone
+    keeps its scores under it (CPU_BF16_BACKBONES), and channels_last where it is the
+    faster layout for the backbone at that precision (CPU_CHANNELS_LAST). Training on a
+    CPU stays float32 in the default layout unless asked."""
+    device = torch.device(device)
     on_cuda = device.type == "cuda"
-    use_amp = {"on": True, "off": False, "auto": on_cuda and torch.cuda.is_bf16_supported()}[amp]
-    use_cl = {"on": True, "off": False, "auto": on_cuda}[channels_last]
+    cpu_scoring = device.type == "cpu" and not training
+    auto_amp = (on_cuda and torch.cuda.is_bf16_supported()) or (
+        cpu_scoring and base_model in CPU_BF16_BACKBONES and cpu_has_native_bf16())
+    use_amp = {"on": True, "off": False, "auto": auto_amp}[amp]
+    auto_cl = on_cuda or (cpu_scoring and base_model in CPU_CHANNELS_LAST["bf16" if use_amp else "float32"])
+    use_cl = {"on": True, "off": False, "auto": auto_cl}[channels_last]
     return use_amp, use_cl
 
 
+def resolve_threads(flag, device: torch.device):
+    """torch's intra-op threads: --threads, or on a CPU one per core this process may use
+    (taskset and cpusets respected, unlike torch's own count). On CUDA the network runs on
+    the device: None leaves torch's default."""
+    if flag is not None:
+        return flag
+    return available_cores() if torch.device(device).type == "cpu" else None
+
+
 def configure_backends(rt: Runtime) -> None:
-    """Process-wide settings for a run on rt.device. On CUDA: cudnn.benchmark (every batch
-    has the same shape, so cuDNN autotunes once), and with bf16 autocast off, float32
-    convolutions in IEEE float32: cuDNN's default runs them in TF32 (a 10-bit mantissa),
-    which would keep `--amp off` from matching the CPU's float32 predictions. Nothing to
-    set on CPU."""
+    """Process-wide settings for a run on rt.device: torch's intra-op threads (rt.threads,
+    when set). On CUDA: cudnn.benchmark (every batch has the same shape, so cuDNN
+    autotunes once), and with bf16 autocast off, float32 convolutions in IEEE float32:
+    cuDNN's default runs them in TF32 (a 10-bit mantissa), which would keep `--amp off`
+    from matching the CPU's float32 predictions."""
+    if rt.threads is not None:
+        torch.set_num_threads(rt.threads)
     if rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         # The legacy switch, not cudnn.conv.fp32_precision: it exists on every torch this
@@ -77,7 +127,18 @@ def configure_backends(rt: Runtime) -> None:
         torch.backends.cudnn.allow_tf32 = rt.amp
 
 
-UINT8_TRANSFER_CHOICES = ("auto", "on", "off")
+def describe_runtime(rt: Runtime, model_args: dict, workers: int = None, worker_name: str = "loader worker") -> str:
+    """The one line the commands print at start: what --device, --amp, --channels_last,
+    --threads and --exact_decode resolved to, so that a user sees what 'auto' chose."""
+    cpu = rt.device.type == "cpu"
+    native = f", {'native' if cpu_has_native_bf16() else 'no native'} bf16" if cpu else ""
+    parts = [f"{rt.device}{native}: {model_args['base_model']} in {'bf16 autocast' if rt.amp else 'float32'}",
+             "channels_last" if rt.channels_last else "contiguous layout",
+             f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"]
+    if workers is not None:
+        parts.append(f"{workers} {worker_name}{'s' if workers != 1 else ''}")
+    parts.append("JPEGs on the device" if rt.gpu_decode else ("JPEG draft decoding" if rt.jpeg_draft else "exact decoding"))
+    return "runtime: " + ", ".join(parts)
 
 
 def resolve_uint8_transfer(flag: str, device: torch.device) -> bool:

@@ -14,6 +14,7 @@ import torch
 
 from fileio import atomic_path
 
+from .constants import NORMALIZE_CHOICES
 from .nima import build_model, default_model_args
 
 FORMAT_VERSION = 1
@@ -94,9 +95,6 @@ def read_checkpoint_file(path) -> dict:
 def is_released_state_dict(obj) -> bool:
     return isinstance(obj, dict) and "model" not in obj and any(
         str(k).startswith("features.") for k in obj)
-
-
-NORMALIZE_CHOICES = ("imagenet", "none")
 
 
 def released_normalize_note(path) -> str:

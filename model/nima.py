@@ -2,11 +2,8 @@
 import torch
 import torch.nn as nn
 
+from .constants import DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS, NUM_BINS  # noqa: F401 - NUM_BINS: re-exported
 from .registry import get_backbone
-
-
-# The ratings 1..10 of AVA: the length of every predicted and true distribution.
-NUM_BINS = 10
 
 
 class Softmax32(nn.Module):
@@ -41,13 +38,6 @@ class NIMA(nn.Module):
         base = list(self.features.parameters()) + [p for p in self.classifier.parameters() if id(p) not in new_ids]
         return [{"params": base, "lr": conv_base_lr, "name": "conv_base"},
                 {"params": new, "lr": dense_lr, "name": "dense"}]
-
-
-HEADS = ("reference", "paper")
-# What a new model is when no flag says otherwise: the reference's network.
-DEFAULT_BASE_MODEL = "vgg16"
-DEFAULT_DROPOUT = 0.75
-DEFAULT_HEAD = "reference"
 
 
 def default_model_args(base_model: str = DEFAULT_BASE_MODEL) -> dict:

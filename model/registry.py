@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from .constants import CURATED_TORCHVISION
+
+
 @dataclass(frozen=True)
 class Backbone:
     name: str
@@ -219,8 +222,5 @@ def torchvision_backbone(name: str) -> Backbone:
                     fixed_image_size=name.startswith(("vit_", "maxvit_")))
 
 
-# The paper's MobileNet and Inception-v2 have no torchvision twin: mobilenet_v2/v3 and
-# inception_v3 are the nearest; the others are strong modern backbones.
-CURATED = ("mobilenet_v2", "mobilenet_v3_large", "inception_v3", "resnet50", "efficientnet_b0", "convnext_tiny")
-for _name in CURATED:
+for _name in CURATED_TORCHVISION:
     register(torchvision_backbone(_name))

@@ -89,7 +89,7 @@ class ScoringService:
         self.batcher = DynamicBatcher(scorer.score_tensors, config.max_batch, config.max_wait_ms / 1000.0,
                                       on_batch=self.metrics.observe_batch)
         self.decoder = DecoderPool(scorer.transform, scorer.model_args["resize_size"], config.max_image_pixels,
-                                   config.workers)
+                                   config.workers, draft_side=scorer.draft_side)
         self._key = config.api_key.encode("utf-8") if config.api_key else None
         args = scorer.model_args
         self.summary = {"checkpoint": config.checkpoint, "base_model": args["base_model"]}

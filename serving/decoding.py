@@ -33,14 +33,14 @@ SHOWN_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f != "MPO")
 _worker = {}
 
 
-def _init_worker(transform, resize_size: int, max_pixels: int) -> None:
+def _init_worker(transform, resize_size: int, max_pixels: int, draft_side=None) -> None:
     # The parent decides when the pool ends: Ctrl-C reaches the whole process group, and
     # some supervisors send SIGTERM to every process; the requests still being answered
     # during the graceful shutdown need their decoders.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.set_num_threads(1)  # one image per worker at a time; the workers are the parallelism
-    _worker.update(transform=transform, resize_size=resize_size, max_pixels=max_pixels)
+    _worker.update(transform=transform, resize_size=resize_size, max_pixels=max_pixels, draft_side=draft_side)
 
 
 def _ready() -> bool:
@@ -61,7 +61,7 @@ def _read_checked(data: bytes) -> tuple:
         pass
     limit = _worker["max_pixels"]
     try:
-        rgb = load_rgb(io.BytesIO(data), max_pixels=limit)
+        rgb = load_rgb(io.BytesIO(data), max_pixels=limit, draft_side=_worker["draft_side"])
         check_resizable(rgb.size, _worker["resize_size"], limit)  # before the resize allocates it
     except ImageReadError as exc:
         text = str(exc)
@@ -95,10 +95,11 @@ def decode_rgb_in_worker(data: bytes, max_side: int) -> tuple:
 
 
 class DecoderPool:
-    """`workers` decoding processes, rebuilt when one dies."""
+    """`workers` decoding processes, rebuilt when one dies. draft_side: the Scorer's (a
+    large JPEG decoded reduced, as test.py does; None: full size)."""
 
-    def __init__(self, transform, resize_size: int, max_pixels: int, workers: int):
-        self._init_args = (transform, resize_size, max_pixels)
+    def __init__(self, transform, resize_size: int, max_pixels: int, workers: int, draft_side=None):
+        self._init_args = (transform, resize_size, max_pixels, draft_side)
         self.workers = workers
         self._pool = None
 

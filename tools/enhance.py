@@ -26,16 +26,13 @@ import sys
 
 from tqdm import tqdm
 
+# Only torch-free modules at the top: --help and a usage error answer without importing
+# torch; main() and the functions that need it import the rest.
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, check_max_pixels, find_images, load_rgb
-from engine.distributed import pick_device
-from engine.explain.enhance import PARAMS, check_params, enhance_photo, sweep
-from engine.explain.pictures import plot_before_after, plot_sweep
+from engine.explain.params import PARAMS, check_params
 from engine.flags import ArgumentParser, HelpFormatter
-from engine.explain.pixels import safe_name
 from fileio import OutputWriteError, atomic_path, atomic_write_json
-from model import CheckpointError, load_for_inference
-from model.card import print_card, read_card
-from model.checkpoint import NORMALIZE_CHOICES
+from model.constants import NORMALIZE_CHOICES
 
 DEFAULT_STEPS = {"enhance": 30, "sweep": 7}
 
@@ -80,6 +77,7 @@ def check_args(args) -> tuple:
         root, paths = find_images(args.image)
         if not paths:
             raise ValueError(f"--image {args.image}: a folder without image files")
+        from engine.explain.pixels import safe_name  # imports torch: only once the flags are known good
         taken = set()
         jobs = [(p, os.path.join(args.out, safe_name(os.path.relpath(p, root), taken))) for p in paths]
     elif os.path.isfile(args.image):
@@ -91,6 +89,8 @@ def check_args(args) -> tuple:
 
 def enhance_one(model, model_args, rgb, photo, out, names, steps, args, device) -> str:
     """enhanced.jpg, before_after.png and enhance.json for one photo; returns a summary line."""
+    from engine.explain.enhance import enhance_photo
+    from engine.explain.pictures import plot_before_after
     done = enhance_photo(model, model_args, rgb, names, steps, args.lr, device, args.quality)
     found, before, after, raised, values = done["found"], done["before"], done["after"], done["raised"], done["values"]
     target = os.path.join(out, "enhanced.jpg")
@@ -109,6 +109,8 @@ def enhance_one(model, model_args, rgb, photo, out, names, steps, args, device) 
 
 
 def sweep_one(model, model_args, rgb, photo, out, steps, args, device) -> str:
+    from engine.explain.enhance import sweep
+    from engine.explain.pictures import plot_sweep
     name = args.sweep
     values, images, scores = sweep(model, model_args, rgb, name, steps, device)
     plot_sweep(images, values, scores, name, os.path.join(out, f"sweep_{name}.png"), PARAMS[name][1])
@@ -122,6 +124,13 @@ def sweep_one(model, model_args, rgb, photo, out, steps, args, device) -> str:
 def main(args) -> int:
     try:
         names, steps, jobs = check_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from engine.distributed import pick_device  # the first import of torch (seconds), after the usage checks
+    from model import CheckpointError, load_for_inference
+    from model.card import print_card, read_card
+    try:
         device = pick_device(args.device)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)
         card = read_card(args.model, args.normalize)

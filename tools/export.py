@@ -25,13 +25,12 @@ import os
 import sys
 import warnings
 
-import torch
-
-from dataset.transforms import IMAGENET_MEAN, IMAGENET_STD
+# Only torch-free modules at the top: --help and a usage error answer without importing
+# torch; the functions that need it import it.
+from dataset.constants import IMAGENET_MEAN, IMAGENET_STD
 from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
 from fileio import OutputWriteError, atomic_path, atomic_write_json
-from model import CheckpointError, load_for_inference
-from model.nima import NUM_BINS
+from model.constants import NUM_BINS
 
 # onnxscript: torch.onnx's exporter builds the graph with it.
 ONNX_MODULES = ("onnx", "onnxscript", "onnxruntime")
@@ -67,8 +66,9 @@ def missing_onnx_modules() -> list:
     return [name for name in ONNX_MODULES if importlib.util.find_spec(name) is None]
 
 
-def random_images(batch: int, model_args: dict, generator) -> torch.Tensor:
+def random_images(batch: int, model_args: dict, generator):
     """Images as the preprocessing makes them: pixels in [0, 1], then maybe normalised."""
+    import torch
     size = model_args["image_size"]
     x = torch.rand(batch, 3, size, size, generator=generator)
     if model_args["normalize"] == "imagenet":
@@ -77,6 +77,7 @@ def random_images(batch: int, model_args: dict, generator) -> torch.Tensor:
 
 
 def export_torchscript(model, example, path):
+    import torch
     with warnings.catch_warnings():
         # torch.jit is deprecated upstream in favour of torch.export, but TorchScript is
         # what C++ (libtorch) and older deployments load; the warning is not for our users.
@@ -91,6 +92,7 @@ def export_torchscript(model, example, path):
 
 def export_onnx(model, example, path, opset):
     import onnxruntime
+    import torch
     torch.onnx.export(model, (example,), path, input_names=["images"], output_names=["distribution"],
                       dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset,
                       external_data=False, dynamo=True, verbose=False)
@@ -99,6 +101,7 @@ def export_onnx(model, example, path, opset):
 
 
 def max_abs_diff(model, run_export, model_args, seed) -> float:
+    import torch
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch in CHECK_BATCH_SIZES:
@@ -149,6 +152,9 @@ def main(args) -> int:
     if args.atol <= 0:
         print(f"error: --atol must be > 0, got {args.atol}", file=sys.stderr)
         return 2
+    import torch
+
+    from model import CheckpointError, load_for_inference
     try:
         model, model_args = load_for_inference(args.model, normalize=args.normalize)
     except (CheckpointError, ValueError) as exc:

@@ -26,10 +26,6 @@ if not __package__:  # run by path (python tools/resize_images.py): run as pytho
 import os
 import sys
 
-
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import functional as F
-
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, header_size, load_rgb
 from engine.flags import ArgumentParser
 from fileio import OutputWriteError, atomic_path
@@ -91,6 +87,8 @@ def resize_one(task) -> tuple:
     try:
         img = load_rgb(src_path, max_pixels)  # EXIF orientation applied, any mode -> RGB
         if min(img.size) > size:  # a downscale: never more pixels than the original's
+            from torchvision.transforms import InterpolationMode  # here: --help and usage errors need no torch
+            from torchvision.transforms import functional as F
             img = F.resize(img, size, interpolation=InterpolationMode.BILINEAR)
     except ImageReadError as exc:
         return src_path, FAILED, str(exc)

@@ -35,27 +35,11 @@ import torch.nn.functional as F
 from dataset.images import load_rgb
 from dataset.transforms import eval_transform
 
+from engine.explain.params import PARAMS
 from engine.explain.pixels import deterministic, image_to_tensor, pixel_crop, predicted_mean, tensor_to_image, to_network_input
 
-PARAMS = {  # name: (lower bound, neutral, upper bound)
-    "brightness": (0.6, 1.0, 1.5),
-    "contrast": (0.6, 1.0, 1.5),
-    "saturation": (0.5, 1.0, 1.6),
-    "gamma": (0.6, 1.0, 1.6),
-    "sharpness": (-0.5, 0.0, 1.5),
-}
 MIN_GAIN = 1e-3  # a rise in the predicted mean smaller than this is no rise
 _LUMA = (0.299, 0.587, 0.114)
-
-
-def check_params(names) -> list:
-    """Parameter names in PARAMS order; ValueError naming the bad one and the valid ones."""
-    names = [n.strip() for n in names if n.strip()]
-    bad = [n for n in names if n not in PARAMS]
-    if bad or not names:
-        raise ValueError(f"--params {','.join(names)!r}: unknown {', '.join(bad) or '(none given)'}; "
-                         f"choose from {', '.join(PARAMS)}")
-    return [n for n in PARAMS if n in names]
 
 
 def luminance(x: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def _normalised(m: torch.Tensor) -> torch.Tensor:
     return m / top if top > 0 else torch.zeros_like(m)
 
 
-def crop_heat_map(model, model_args, x01: torch.Tensor, method="auto") -> tuple:
+def crop_heat_map(model, model_args, x01: torch.Tensor, method="auto", amp=False) -> tuple:
     """(signed map (s, s) over the crop in [-1, 1], predicted distribution (10,) as float64
     numpy, info {'method', 'layer'}) for pixels x01 (1, 3, s, s) in [0, 1] on the model's
     device. `method`: 'auto' (by backbone, see the module), 'grad-cam' or
@@ -85,7 +85,8 @@ def crop_heat_map(model, model_args, x01: torch.Tensor, method="auto") -> tuple:
     size = x01.shape[-2:]
     with torch.enable_grad(), deterministic(x01.device):
         x = to_network_input(x01.detach().float(), model_args["normalize"]).requires_grad_(True)
-        dist, found = _forward_with_maps(model, x)
+        with torch.autocast(x01.device.type, dtype=torch.bfloat16, enabled=amp):
+            dist, found = _forward_with_maps(model, x)
         mean = predicted_mean(dist)[0]
         if method == "grad-cam" and found is not None:
             layer, act = found
@@ -104,11 +105,12 @@ def crop_heat_map(model, model_args, x01: torch.Tensor, method="auto") -> tuple:
     return _normalised(crop.detach()).cpu(), dist.detach()[0].double().cpu().numpy(), info
 
 
-def explain_image(model, model_args, rgb, device=None, method="auto") -> tuple:
+def explain_image(model, model_args, rgb, device=None, method="auto", amp=False) -> tuple:
     """(heat map float32 (height, width) at the image's size in [-1, 1], predicted
-    distribution (10,) of the centre crop, info) for an upright RGB PIL image."""
+    distribution (10,) of the centre crop, info) for an upright RGB PIL image; `amp`:
+    the forward pass under bf16 autocast (see the module)."""
     device = device or next(model.parameters()).device
     x01 = pixel_crop(rgb, model_args).to(device)
-    crop, dist, info = crop_heat_map(model, model_args, x01, method)
+    crop, dist, info = crop_heat_map(model, model_args, x01, method, amp)
     heat = crop_map_to_image(crop, rgb.size, model_args)
     return heat.numpy().astype(np.float32), dist, info

@@ -24,20 +24,6 @@ HEAT_CMAP = "RdBu_r"         # red raises the predicted mean, blue lowers it
 HEAT_ALPHA = 0.75            # the heat map's opacity where its magnitude is 1
 
 
-def parse_explain(text):
-    """--explain: 0 (off), a count K >= 1, or 'all'. Returns 0, K or 'all'."""
-    if str(text).strip().lower() == "all":
-        return "all"
-    try:
-        k = int(text)
-    except (TypeError, ValueError):
-        k = -1
-    if k < 0:
-        raise ValueError(f"--explain must be a whole number K >= 0 (the K highest and K lowest scored images; 0: off) "
-                         f"or 'all', got {text!r}")
-    return k
-
-
 def select_rows(rows, k):
     """The k highest and k lowest scored rows, best first then worst last (ties by id, as
     on the contact sheet); every row for k = 'all' or when 2k covers them all."""
@@ -91,11 +77,12 @@ def heat_overlay(rgb, heat) -> Image.Image:
     return Image.fromarray(np.round(out * 255.0).astype(np.uint8), "RGB")
 
 
-def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, device=None, max_pixels=None,
+def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, rt, max_pixels=None,
                        show_progress=True) -> list:
     """explain/<safe image id>.png in out_dir (safe_name: photo.jpg -> photo.png) for the
     rows (of predictions.csv: read_predictions) that select_rows picks (k: count or 'all');
-    PNGs of an older run in explain/ are removed.
+    PNGs of an older run in explain/ are removed. The images are decoded as they were scored
+    (rt.jpeg_draft) and the maps computed at rt's precision (rt.amp: see heatmaps.py).
     An image that cannot be read again (changed since it was scored) is reported and
     skipped. Returns the paths written."""
     rows = select_rows(rows, k)
@@ -105,11 +92,11 @@ def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, d
     for row in tqdm(rows, desc="explain", disable=not show_progress, dynamic_ncols=True, leave=False):
         target = os.path.join(folder, safe_name(row["image_id"], taken) + ".png")
         try:
-            rgb = load_rgb(paths_by_id[row["image_id"]], max_pixels)
+            rgb = load_rgb(paths_by_id[row["image_id"]], max_pixels, model_args["resize_size"] if rt.jpeg_draft else None)
         except ImageReadError as exc:
             print(f"explain: {paths_by_id[row['image_id']]}: {exc}; no picture", file=sys.stderr)
             continue
-        heat, dist, info = explain_image(model, model_args, rgb, device)
+        heat, dist, info = explain_image(model, model_args, rgb, rt.device, amp=rt.amp)
         shown_id = row["image_id"] if len(row["image_id"]) <= 48 else "..." + row["image_id"][-45:]  # fits the width
         title = f"{shown_id}   predicted {row['mean']:.2f}" + (
             f"   true {row['gt_mean']:.2f}" if row["gt_mean"] is not None else "")

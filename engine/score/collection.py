@@ -22,10 +22,9 @@ from engine.distributed import barrier, gather_objects
 from engine.loaders import default_workers, make_loader
 from engine.score.inference import batch_distributions, images_per_batch, inference_transform
 from engine.score.merge import merge_and_report
-from engine.score.parts import (PartsResumeError, done_refs, new_token, part_path, parts_dir, prepare, remove_parts,
+from engine.score.parts import (PART_SIZE, PartsResumeError, done_refs, new_token, part_path, parts_dir, prepare, remove_parts,
                                 run_record, write_part)
 
-PART_SIZE = 5000       # images per part file (--part_size)
 FLUSH_SECONDS = 10.0   # a part is also written when its oldest result is this old: a kill loses little
 
 
@@ -163,7 +162,7 @@ def collection_loader(sources, model_args, rt, batch_size, workers, tta=1, max_p
     shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
     # The device decoder makes uint8 crops; so must the Pillow path beside it.
     pillow = ImageDataset([], inference_transform(model_args, tta, rt.uint8_transfer or rt.gpu_decode),
-                          image_shape=shape, max_pixels=max_pixels)
+                          image_shape=shape, max_pixels=max_pixels, draft=rt.jpeg_draft)
     batch = images_per_batch(batch_size, tta)
     if rt.gpu_decode:
         from engine.score.gpu_decode import device_decode_loader  # torchvision.io: only when asked for

@@ -23,11 +23,11 @@ def inference_transform(model_args, tta=1, uint8=False):
     return eval_transform(model_args, uint8=uint8) if tta == 1 else TTACrops(model_args, tta, uint8=uint8)
 
 
-def inference_dataset(paths, model_args, dists=None, tta=1, max_pixels=None, uint8=False):
+def inference_dataset(paths, model_args, dists=None, tta=1, max_pixels=None, uint8=False, draft=False):
     transform = inference_transform(model_args, tta, uint8)
     size = model_args["image_size"]
     shape = (3, size, size) if tta == 1 else (tta, 3, size, size)
-    return ImageDataset(paths, transform, dists, image_shape=shape, max_pixels=max_pixels)
+    return ImageDataset(paths, transform, dists, image_shape=shape, max_pixels=max_pixels, draft=draft)
 
 
 def images_per_batch(batch_size, tta=1):

@@ -22,7 +22,6 @@ from fileio import atomic_path, write_or_remove
 from engine.score.parts import part_files, read_part
 from engine.score.predictions import print_report, read_predictions, write_predictions
 
-PARQUET_HINT = "pip install pyarrow (or -r requirements-parquet.txt)"
 
 
 class Merged:

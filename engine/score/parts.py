@@ -22,6 +22,7 @@ import shutil
 from fileio import atomic_write_json, atomic_write_text
 
 PARTS_DIR = "parts"
+PART_SIZE = 5000  # images per part file (test.py --part_size): what a kill can lose at most
 RUN_RECORD = "run.json"
 PART_GLOB = "part-*.csv"
 COLUMNS = ["ref", "source", "key", "order", "status", "text"] + [f"p{k}" for k in range(1, 11)]

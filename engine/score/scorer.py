@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from dataset.images import ImageReadError, check_max_pixels, load_rgb, upright_rgb
-from dataset.transforms import MAX_TTA
+from dataset.constants import MAX_TTA
 from model import load_for_inference
 from model.card import percentiles, read_card
 
@@ -61,20 +61,28 @@ class Scorer:
 
     @classmethod
     def from_checkpoint(cls, path, device="auto", tta: int = 1, batch_size: int = None, amp="auto",
-                        max_image_pixels=None, normalize=None) -> "Scorer":
+                        max_image_pixels=None, normalize=None, channels_last="auto", exact_decode=False) -> "Scorer":
         """Either checkpoint format (ours or the reference's released state_dict).
-        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp as test.py's --amp;
-        max_image_pixels as its --max_image_pixels (None: Pillow's limit); normalize as its
-        --normalize ('none' or 'imagenet', for a bare state_dict: which release it is)."""
+        device: 'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'; amp, channels_last,
+        exact_decode, max_image_pixels and normalize as test.py's flags of those names
+        (max_image_pixels None: Pillow's limit; normalize, for a bare state_dict: which
+        release it is). The defaults are test.py's: on a CPU with native bf16, VGG16 scores
+        in bf16, and large JPEGs are decoded reduced (docs/performance.md)."""
         device = pick_device(device)
         model, model_args = load_for_inference(path, device, normalize=normalize)
-        use_amp, channels_last = resolve_speed_flags(amp, "auto", device)
-        if channels_last:
+        use_amp, use_cl = resolve_speed_flags(amp, channels_last, device, model_args["base_model"])
+        if use_cl:
             model = model.to(memory_format=torch.channels_last)
-        scorer = cls(model, model_args, Runtime(device, use_amp, channels_last, show_progress=False), tta, batch_size,
-                     card=read_card(path, normalize))
+        rt = Runtime(device, use_amp, use_cl, show_progress=False, jpeg_draft=not exact_decode).for_model(model_args)
+        scorer = cls(model, model_args, rt, tta, batch_size, card=read_card(path, normalize))
         scorer.max_image_pixels = check_max_pixels(max_image_pixels)
         return scorer
+
+    @property
+    def draft_side(self):
+        """The shorter side a JPEG may be decoded down to (dataset.images.draft), or None
+        for full-size decoding (exact_decode)."""
+        return self.model_args["resize_size"] if self.rt.jpeg_draft else None
 
     def score(self, images):
         """One input (a PIL image, or a path) -> a Score; a list or tuple of them -> a list
@@ -139,7 +147,7 @@ class Scorer:
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
         try:
-            return load_rgb(item, self.max_image_pixels)
+            return load_rgb(item, self.max_image_pixels, self.draft_side)
         except ImageReadError as exc:
             raise ImageReadError(f"{item}: {exc}") from None
 
@@ -148,6 +156,6 @@ class Scorer:
         array at the image's size in [-1, 1], > 0 where the photo raises the predicted mean
         and < 0 where it lowers it (Grad-CAM, or gradient x input for transformers: see
         engine/explain/heatmaps.py), and the Score of the centre crop it explains (tta=1's)."""
-        heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device)
+        heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device, amp=self.rt.amp)
         means, stds = mean_and_std(dist[None])
         return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist], self._percentiles(means)[0])

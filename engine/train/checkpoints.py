@@ -18,10 +18,7 @@ from model.checkpoint import read_checkpoint_file, read_model_state
 from engine.train import card as run_card
 from engine.train.optim import describe_schedule, schedule_spec
 from engine.train.epoch import NonFiniteLossError
-
-HIGHER_IS_BETTER = {"val_srcc_mean", "val_plcc_mean", "val_accuracy", "val_srcc_std", "val_plcc_std"}
-LOWER_IS_BETTER = {"val_emd", "val_emd_r1", "val_mae_mean", "val_rmse_mean"}
-MONITORS = sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER)
+from engine.train.options import HIGHER_IS_BETTER
 
 # Flags a resumed run must share with its checkpoint: with another value its numbers
 # would no longer be those of one run (another metric's best, other rates, batches,
@@ -31,7 +28,7 @@ RESUME_MUST_MATCH = ("monitor", "conv_base_lr", "dense_lr", "train_batch_size", 
                      "clip_grad_norm", "freeze_base_epochs", "label_format", "score_range")
 # Flags a resume may change (extend --epochs, more patience, other loaders): printed.
 RESUME_MAY_CHANGE = ("epochs", "early_stopping_patience", "seed", "val_batch_size", "num_workers",
-                     "save_every_steps", "strict_images", "train_csv_file", "val_csv_file", "img_path")
+                     "save_every_steps", "strict_images", "train_csv_file", "val_csv_file", "img_path", "exact_decode")
 
 
 class ResumeError(ValueError):

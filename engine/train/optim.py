@@ -13,8 +13,7 @@ import math
 
 import torch
 
-OPTIMIZERS = ("sgd", "adamw")
-SCHEDULES = ("step", "cosine")
+from engine.train.options import OPTIMIZERS
 
 
 def build_optimizer(model, conv_base_lr: float, dense_lr: float, device: torch.device,

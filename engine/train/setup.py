@@ -1,15 +1,15 @@
-"""A training run's set-up from its flags (main.py): the checks of the training recipe,
-the labels in either format, the model arguments, and the model, optimiser, schedule and
-state of a fresh, resumed, warm-started or --init_from run. Everything that can be wrong
-with the configuration is found here, before any heavy work."""
-import math
+"""A training run's set-up from its flags (main.py): the labels in either format, the model
+arguments, and the model, optimiser, schedule and state of a fresh, resumed, warm-started
+or --init_from run. Everything that can be wrong with the configuration is found here or
+in engine/train/options.py (the recipe's flags, checked before torch is imported), before
+any heavy work."""
 import random
 
 import numpy as np
 import torch
 
 from dataset import read_label_csv
-from dataset.mos import check_score_range, clipped_note, read_mos_csv
+from dataset.mos import clipped_note, read_mos_csv
 from model import build_model, default_model_args
 from model.card import read_card
 from model.nima import DEFAULT_BASE_MODEL, check_model_args
@@ -18,10 +18,7 @@ from engine.train.checkpoints import (RunState, check_resume_flags, find_resume_
                           read_warm_start, restore, run_schedule)
 from engine.train.card import new_card, resumed_card
 from engine.train.optim import build_optimizer, build_scheduler
-
-
-class UsageError(ValueError):
-    pass
+from engine.train.options import UsageError
 
 
 # Flags that define the model; a resume, warm start or --init_from takes them from its checkpoint.
@@ -32,36 +29,6 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def check_recipe_flags(args) -> None:
-    """The labels', optimiser's, schedule's and fine-tuning flags, each error naming its flag."""
-    if args.label_format == "mos":
-        if args.score_range is None:
-            raise UsageError("--label_format mos needs --score_range LO HI: the lowest and highest score of the data "
-                             "set's scale (tools/iqa_to_csv.py prints it), mapped onto the ratings 1..10")
-        check_score_range(args.score_range)
-    elif args.score_range is not None:
-        raise UsageError("--score_range goes with --label_format mos (the 10-bin label files need no range)")
-    for name in ("weight_decay", "clip_grad_norm"):
-        value = getattr(args, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise UsageError(f"--{name} must be a number >= 0 (0: off), got {value}")
-    if args.warmup_epochs < 0 or args.freeze_base_epochs < 0:
-        raise UsageError("--warmup_epochs and --freeze_base_epochs must be >= 0")
-    if args.lr_schedule == "cosine":
-        if args.decay:
-            raise UsageError("--decay (with --lr_decay_rate, --lr_decay_freq) is the step schedule; "
-                             "drop it with --lr_schedule cosine, or use --lr_schedule step")
-        if args.warmup_epochs >= args.epochs:
-            raise UsageError(f"--warmup_epochs {args.warmup_epochs} leaves no epoch for the cosine: "
-                             f"it must be below --epochs ({args.epochs})")
-    elif args.warmup_epochs:
-        raise UsageError("--warmup_epochs goes with --lr_schedule cosine (the step schedule has no warm-up)")
-    if args.init_from and args.warm_start:
-        raise UsageError("--init_from and --warm_start exclude each other: both start a new run from a checkpoint's "
-                         "weights (--warm_start reads epoch-<warm_start_epoch>.pth in --ckpt_path and counts on from it; "
-                         "--init_from reads any PATH and starts at epoch 1)")
 
 
 def read_labels(args, csv_path, log=print, **kwargs):
