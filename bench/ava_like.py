@@ -59,3 +59,48 @@ def folder_stats(paths) -> dict:
             pixels.append(img.width * img.height)
     return {"images": len(paths), "mean_kb": float(np.mean(sizes)) / 1000.0 if sizes else 0.0,
             "mean_megapixels": float(np.mean(pixels)) / 1e6 if pixels else 0.0}
+
+
+PHOTOS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "data", "photos")
+CAMERA_SIZE = (4000, 3000)  # 12 megapixels, a phone's or camera's 4:3 frame
+
+
+def camera_like_jpegs(folder, num_images: int, size=CAMERA_SIZE, quality: int = 92, distinct: int = None) -> list:
+    """Write `num_images` camera-sized JPEGs named cam000000.jpg ... into `folder`: the real
+    photographs of tests/data/photos, each cut to the frame's aspect ratio (a centre crop,
+    shifted and mirrored from one round of the photos to the next so that no two files are
+    alike) and upscaled (bicubic) to `size`, landscape or portrait as the photo is. Decoding
+    cost follows the pixel count and the compressed size, not the content's detail.
+    `distinct`: make only that many files and hard-link the rest to them (decoding is the
+    same work; 1,000 12-megapixel files would take minutes to make and gigabytes). Files
+    already there are kept. Returns the paths."""
+    os.makedirs(folder, exist_ok=True)
+    photos = sorted(os.path.join(PHOTOS, n) for n in os.listdir(PHOTOS) if not n.endswith(".md"))
+    paths = []
+    for n in range(num_images):
+        path = os.path.join(folder, f"cam{n:06d}.jpg")
+        source = n % distinct if distinct else n
+        if not os.path.exists(path):
+            if source != n:
+                os.link(paths[source], path)
+            else:
+                with atomic_path(path) as tmp:
+                    camera_frame(photos[n % len(photos)], n // len(photos), size).save(tmp, "JPEG", quality=quality)
+        paths.append(path)
+    return paths
+
+
+def camera_frame(photo_path, variant: int, size=CAMERA_SIZE) -> Image.Image:
+    """One upscaled frame of a photo (see camera_like_jpegs); `variant` shifts the crop and
+    mirrors every other one."""
+    with Image.open(photo_path) as img:
+        rgb = img.convert("RGB")
+    w, h = rgb.size
+    long_side, short_side = max(size), min(size)
+    fw, fh = (long_side, short_side) if w >= h else (short_side, long_side)
+    aspect = fw / fh
+    cw, ch = (min(w, round(h * aspect)), min(h, round(w / aspect)))
+    shift = (variant * 0.37) % 1.0  # where the crop sits along the spare width or height
+    left, top = round((w - cw) * shift), round((h - ch) * shift)
+    frame = rgb.crop((left, top, left + cw, top + ch)).resize((fw, fh), Image.Resampling.BICUBIC)
+    return frame.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if variant % 2 else frame
