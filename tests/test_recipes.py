@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-import main as main_cli
 from conftest import run_main, tiny_train_args
+from engine.train import epoch as epoch_loop
 from engine.train.signals import StopRequested
 from model import build_model, default_model_args
 
@@ -156,16 +156,16 @@ def test_adamw_cosine_with_warmup_follows_the_schedule_and_resumes_exactly(demo_
     assert decays == {0.01, 0.0} and len(saved["optimizer"]["param_groups"]) == 4
 
     # Stopped before epoch 3 (as by a signal), then resumed: the same rates and weights as the straight run.
-    real = main_cli.train_one_epoch
+    real = epoch_loop.train_one_epoch  # main.py calls it through the module, so a patch there takes
 
     def stop_at_epoch_3(net, loader, optimizer, rt, epoch, *a, **k):
         if epoch == 3:
             raise StopRequested(15)
         return real(net, loader, optimizer, rt, epoch, *a, **k)
 
-    monkeypatch.setattr(main_cli, "train_one_epoch", stop_at_epoch_3)
+    monkeypatch.setattr(epoch_loop, "train_one_epoch", stop_at_epoch_3)
     assert run_main(tiny_train_args(demo_data, split, *COSINE, "--epochs", "4")) == 143
-    monkeypatch.setattr(main_cli, "train_one_epoch", real)
+    monkeypatch.setattr(epoch_loop, "train_one_epoch", real)
     resume = tiny_train_args(demo_data, split, *COSINE, "--epochs", "4", "--resume", "auto")
     assert run_main(resume) == 0
     assert lrs(split) == lrs(straight)
