@@ -82,7 +82,7 @@ def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, r
     """explain/<safe image id>.png in out_dir (safe_name: photo.jpg -> photo.png) for the
     rows (of predictions.csv: read_predictions) that select_rows picks (k: count or 'all');
     PNGs of an older run in explain/ are removed. The images are decoded as they were scored
-    (rt.jpeg_draft) and the maps computed at rt's precision (rt.amp: see heatmaps.py).
+    (rt.jpeg_draft), the maps computed on rt.device in float32 (heatmaps.py says why).
     An image that cannot be read again (changed since it was scored) is reported and
     skipped. Returns the paths written."""
     rows = select_rows(rows, k)
@@ -96,7 +96,7 @@ def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, r
         except ImageReadError as exc:
             print(f"explain: {paths_by_id[row['image_id']]}: {exc}; no picture", file=sys.stderr)
             continue
-        heat, dist, info = explain_image(model, model_args, rgb, rt.device, amp=rt.amp)
+        heat, dist, info = explain_image(model, model_args, rgb, rt.device)
         shown_id = row["image_id"] if len(row["image_id"]) <= 48 else "..." + row["image_id"][-45:]  # fits the width
         title = f"{shown_id}   predicted {row['mean']:.2f}" + (
             f"   true {row['gt_mean']:.2f}" if row["gt_mean"] is not None else "")

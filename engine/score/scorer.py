@@ -156,6 +156,6 @@ class Scorer:
         array at the image's size in [-1, 1], > 0 where the photo raises the predicted mean
         and < 0 where it lowers it (Grad-CAM, or gradient x input for transformers: see
         engine/explain/heatmaps.py), and the Score of the centre crop it explains (tta=1's)."""
-        heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device, amp=self.rt.amp)
+        heat, dist, _ = explain_image(self.model, self.model_args, self._rgb(image), self.rt.device)
         means, stds = mean_and_std(dist[None])
         return heat, Score(float(means[0]), float(stds[0]), [float(p) for p in dist], self._percentiles(means)[0])
