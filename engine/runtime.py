@@ -62,11 +62,13 @@ class Runtime:
         return self.show_progress and self.dist.is_main
 
 
-# Backbones whose scores bf16 autocast keeps on a CPU: measured against float32 on real
-# photographs with trained checkpoints (docs/performance.md, "What bf16 costs"; the bounds
-# are tests/test_cpu_precision.py's: Spearman of the means >= 0.999, every paper metric
-# within 0.002). Any other backbone scores in float32 under --amp auto on a CPU.
-CPU_BF16_BACKBONES = frozenset({"vgg16", "tiny_cnn"})
+# Backbones that bf16 autocast makes faster on a CPU with native bf16 (python -m
+# bench.cpu_layouts) and whose scores it keeps: measured against float32 on real
+# photographs with trained checkpoints (python -m bench.score_cost; the bounds are
+# tests/test_cpu_precision.py's: Spearman of the means >= 0.999, every paper metric within
+# 0.002). Any other backbone scores in float32 under --amp auto on a CPU: tiny_cnn keeps
+# its scores but gains nothing; the others' scores were not measured (docs/performance.md).
+CPU_BF16_BACKBONES = frozenset({"vgg16"})
 # Backbones whose forward pass on a CPU is faster in channels_last, by precision: measured
 # with python -m bench.cpu_layouts (docs/performance.md, "What auto chooses").
 CPU_CHANNELS_LAST = {"bf16": frozenset({"vgg16"}),

@@ -90,7 +90,7 @@ def test_scorer_scores_the_centre_crop_cut_by_hand(setup, tmp_path):
     model = build_model(saved["model_args"])
     model.load_state_dict(saved["model"])
     model.eval()
-    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu")
+    scorer = Scorer.from_checkpoint(setup["ckpt"], device="cpu", amp="off")  # exact float32: bf16 is auto on some CPUs
     for image in (path, setup["photos"] / "a_rgb.jpg"):
         with torch.no_grad():
             crop = hand_crops(image, saved["model_args"]["resize_size"], saved["model_args"]["image_size"])[0]

@@ -1,0 +1,67 @@
+"""What the CPU's fast defaults cost in scores, held to their bounds: bf16 autocast against
+float32, and JPEG draft decoding against the exact decode, through test.py on real
+photographs with trained checkpoints (bench/score_cost.py builds them and the image sets:
+the demo model, a VGG16 trained two steps, a released-format VGG16). The bounds:
+  - Spearman correlation of the two runs' predicted means >= 0.999,
+  - every paper metric on a labelled set changes by at most 0.002,
+  - no predicted mean moves by more than 0.05.
+A backbone in engine/runtime.py's CPU_BF16_BACKBONES must meet them under bf16 (if one
+stops meeting them, take it out: its auto stays float32); draft decoding, on by default
+for every backbone, must meet them for all three checkpoints."""
+import pytest
+
+from bench import score_cost
+from engine.runtime import CPU_BF16_BACKBONES
+
+MIN_SPEARMAN = 0.999
+MAX_METRIC_CHANGE = 0.002
+MAX_MEAN_SHIFT = 0.05
+BACKBONE = {"demo": "tiny_cnn", "vgg16_steps": "vgg16", "vgg16_release": "vgg16"}
+
+pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    return score_cost.measure(str(tmp_path_factory.mktemp("score_cost")), demo_images=60, demo_epochs=5)
+
+
+def within_bounds(row) -> list:
+    """The bounds a comparison breaks (empty when it meets them all)."""
+    broken = []
+    if not row["spearman_means"] >= MIN_SPEARMAN:
+        broken.append(f"Spearman {row['spearman_means']:.5f} < {MIN_SPEARMAN}")
+    if not row["max_abs_mean_diff"] <= MAX_MEAN_SHIFT:
+        broken.append(f"a mean moved by {row['max_abs_mean_diff']:.4f} > {MAX_MEAN_SHIFT}")
+    for metric, change in row.get("metric_changes", {}).items():
+        if not change <= MAX_METRIC_CHANGE:
+            broken.append(f"{metric} changed by {change:.4f} > {MAX_METRIC_CHANGE}")
+    return broken
+
+
+def test_every_comparison_was_made(rows):
+    made = {(r["checkpoint"], r["change"], r["set"]) for r in rows}
+    assert made == {(c, change, s) for c in BACKBONE for change, sets in (("bf16", ("photos", "labelled")),
+                                                                         ("draft", ("camera", "labelled_big")))
+                    for s in sets}
+    for r in rows:
+        assert r["images"] >= 27 and r["spread_of_means"] > 0.05, r  # enough photos, and scores that differ between them
+        assert r["max_abs_mean_diff"] > 0, r  # the change under test did change something
+        if r["set"].startswith("labelled"):
+            assert set(r["metric_changes"]) == set(score_cost.PAPER_METRICS)
+
+
+@pytest.mark.parametrize("checkpoint", sorted(BACKBONE))
+def test_bf16_keeps_the_scores_of_the_backbones_auto_runs_in_bf16(rows, checkpoint):
+    if BACKBONE[checkpoint] not in CPU_BF16_BACKBONES:
+        pytest.skip(f"{BACKBONE[checkpoint]} scores in float32 under --amp auto on a CPU")
+    for row in (r for r in rows if r["checkpoint"] == checkpoint and r["change"] == "bf16"):
+        assert not within_bounds(row), (f"bf16 on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}: take "
+                                        f"{BACKBONE[checkpoint]} out of CPU_BF16_BACKBONES", row)
+
+
+@pytest.mark.parametrize("checkpoint", sorted(BACKBONE))
+def test_draft_decoding_keeps_the_scores(rows, checkpoint):
+    for row in (r for r in rows if r["checkpoint"] == checkpoint and r["change"] == "draft"):
+        assert not within_bounds(row), (f"draft decoding on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}",
+                                        row)
