@@ -6,8 +6,8 @@ decoding cost"; tests/test_cpu_precision.py holds them to their bounds.
     python -m bench.score_cost [--data DIR] [--out results.jsonl]
 
 Checkpoints (none with pretrained weights: this machine cannot download them):
-  demo          tiny_cnn trained as `make demo` trains it (its flags, on --demo_images
-                generated images, --demo_epochs epochs)
+  demo          tiny_cnn trained as `make demo` trains it (its flags and 30 epochs, on
+                --demo_images generated images instead of 600)
   vgg16_steps   VGG16 at 224 trained 2 SGD steps with main.py, from the released-format file
   vgg16_release VGG16 in the reference's release format (a bare state_dict): torch's
                 initialisation (seed 0) with the head's weights scaled by 30, which spreads
@@ -174,7 +174,7 @@ def compare(a: tuple, b: tuple) -> dict:
     return row
 
 
-def measure(data, demo_images=120, demo_epochs=5, which=("bf16", "draft"), models=None) -> list:
+def measure(data, demo_images=120, demo_epochs=30, which=("bf16", "draft"), models=None) -> list:
     """Every comparison as a row: checkpoint, change (bf16 or draft), image set, figures."""
     photos = photo_set(os.path.join(data, "photos"))
     camera = camera_set(os.path.join(data, "camera"))
@@ -204,7 +204,10 @@ def get_args_parser():
                                 allow_abbrev=False)
     p.add_argument("--data", default=None, help="folder for the images, checkpoints and runs (default: a temporary one)")
     p.add_argument("--demo_images", type=int, default=120, help="images of the generated labelled set")
-    p.add_argument("--demo_epochs", type=int, default=5, help="epochs of the demo model's training")
+    p.add_argument("--demo_epochs", type=int, default=30, help="epochs of the demo model's training (the Makefile's)")
+    p.add_argument("--changes", nargs="+", choices=["bf16", "draft"], default=["bf16", "draft"], help="what to measure")
+    p.add_argument("--checkpoints", nargs="+", choices=["demo", "vgg16_steps", "vgg16_release"], default=None,
+                   help="which checkpoints (default: all three)")
     p.add_argument("--out", default=None, help="also append one JSON line per comparison here")
     return p
 
@@ -212,7 +215,7 @@ def get_args_parser():
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = measure(args.data or tmp, args.demo_images, args.demo_epochs)
+        rows = measure(args.data or tmp, args.demo_images, args.demo_epochs, args.changes, args.checkpoints)
     print(f"{'checkpoint':<14} {'change':<6} {'set':<13} {'images':>6} {'spread':>7} {'max |dmean|':>11} "
           f"{'mean |dmean|':>12} {'Spearman':>9} {'max metric change':>18}")
     for r in rows:

@@ -32,8 +32,8 @@ class ImageDataset(Dataset):
     ok (bool), error (str, '' when ok), warning (decoder warnings, '' when none).
 
     max_pixels: --max_image_pixels (None: Pillow's default limit). draft: decode a large
-    JPEG reduced, never below the transform's resize size (dataset.images.draft; the
-    CLIs' default, off under --exact_decode)."""
+    JPEG reduced for the transform's resize size (dataset.images.draft; the CLIs'
+    default, off under --exact_decode)."""
 
     def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None, draft=False):
         self.paths = list(paths)

@@ -30,8 +30,8 @@ class Runtime:
     # Scoring decodes JPEGs on the device in batches (engine/score/gpu_decode.py) instead of
     # with Pillow in the loader workers.
     gpu_decode: bool = False
-    # Pillow decodes a large JPEG already reduced, never below the model's resize size
-    # (dataset.images.draft): on unless --exact_decode.
+    # Pillow decodes a large JPEG already reduced, its shorter side kept at least twice the
+    # model's resize size (dataset.images.draft): on unless --exact_decode.
     jpeg_draft: bool = False
     # torch's intra-op threads, set by configure_backends (None: torch's own default).
     threads: int = None

@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.subprocess]
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    return score_cost.measure(str(tmp_path_factory.mktemp("score_cost")), demo_images=60, demo_epochs=5)
+    return score_cost.measure(str(tmp_path_factory.mktemp("score_cost")))
 
 
 def within_bounds(row) -> list:

@@ -73,7 +73,8 @@ def test_released_checkpoint_scores_like_the_reference(variant, released_state_d
     assert model_args["normalize"] == "none" and model_args["image_size"] == 224 and model_args["resize_size"] == 256
 
     out = tmp_path / "pred"
-    assert run_test(["--model", ckpt, "--test_images", photos, "--predictions", out, "--workers", "0", "--quiet"]) == 0
+    assert run_test(["--model", ckpt, "--test_images", photos, "--predictions", out, "--workers", "0", "--quiet",
+                     "--amp", "off"]) == 0  # exact float32 (bf16 is auto for VGG16 on some CPUs): compared to 1e-4
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert [r["image_id"] for r in rows] == ["1000.jpg", "1001.jpg", "1002.jpg"]
     means = []
