@@ -16,7 +16,8 @@ Image sets:
   photos        the 9 real photographs of tests/data/photos and 4 crops of each (45 PNGs)
   camera        27 camera-sized JPEGs (2000 x 1500) upscaled from them (bench/ava_like.py)
   labelled      the demo data's images and labels (make_demo_data, seed 1)
-  labelled_big  the same images upscaled 8x (768 x 576 JPEGs), for the draft's metrics
+  labelled_big  the same images upscaled 16x (1536 x 1152 JPEGs: large enough to be drafted
+                for VGG16's 256), for the draft's metrics
 For each checkpoint, bf16 (--amp on --exact_decode) against float32 (--amp off
 --exact_decode) on photos and labelled, and draft (default decoding) against exact
 (--exact_decode), both at --amp off, on camera and labelled_big: the largest and mean
@@ -83,7 +84,7 @@ def camera_set(folder, count=27, size=(2000, 1500)) -> str:
 
 
 def labelled_sets(folder, num_images) -> tuple:
-    """(images, labels.csv) of the demo data, and (images, labels.csv) of the same upscaled 8x."""
+    """(images, labels.csv) of the demo data, and (images, labels.csv) of the same upscaled 16x."""
     demo = os.path.join(folder, "demo")
     if not os.path.exists(os.path.join(demo, "test_labels.csv")):
         run(["-m", "tools.make_demo_data", "--out", demo, "--num_images", num_images, "--seed", "1"], "make_demo_data")
@@ -94,13 +95,13 @@ def labelled_sets(folder, num_images) -> tuple:
     labels = os.path.join(folder, "all_labels.csv")
     with open(labels, "w", newline="") as f:
         csv.writer(f).writerows(sorted(rows))
-    big = os.path.join(folder, "demo_big")
+    big = os.path.join(folder, "demo_x16")
     os.makedirs(big, exist_ok=True)
     for name in os.listdir(os.path.join(demo, "images")):
         target = os.path.join(big, name)
         if not os.path.exists(target):
             with Image.open(os.path.join(demo, "images", name)) as img:
-                img.convert("RGB").resize((img.width * 8, img.height * 8), Image.Resampling.BICUBIC).save(target, quality=92)
+                img.convert("RGB").resize((img.width * 16, img.height * 16), Image.Resampling.BICUBIC).save(target, quality=92)
     return (os.path.join(demo, "images"), labels), (big, labels)
 
 

@@ -5,9 +5,9 @@ the demo model, a VGG16 trained two steps, a released-format VGG16). The bounds:
   - Spearman correlation of the two runs' predicted means >= 0.999,
   - every paper metric on a labelled set changes by at most 0.002,
   - no predicted mean moves by more than 0.05.
-A backbone in engine/runtime.py's CPU_BF16_BACKBONES must meet them under bf16 (if one
-stops meeting them, take it out: its auto stays float32); draft decoding, on by default
-for every backbone, must meet them for all three checkpoints."""
+A backbone in engine/runtime.py's CPU_BF16_BACKBONES must meet them under bf16 (one that
+misses them stays out: its auto stays float32); draft decoding, on by default for every
+backbone, must meet them for all three checkpoints."""
 import pytest
 
 from bench import score_cost
@@ -52,12 +52,14 @@ def test_every_comparison_was_made(rows):
 
 
 @pytest.mark.parametrize("checkpoint", sorted(BACKBONE))
-def test_bf16_keeps_the_scores_of_the_backbones_auto_runs_in_bf16(rows, checkpoint):
-    if BACKBONE[checkpoint] not in CPU_BF16_BACKBONES:
-        pytest.skip(f"{BACKBONE[checkpoint]} scores in float32 under --amp auto on a CPU")
+def test_auto_runs_in_bf16_only_the_backbones_whose_scores_it_keeps(rows, checkpoint):
+    """A checkpoint whose bf16 run misses a bound keeps its backbone out of
+    CPU_BF16_BACKBONES (today VGG16 misses: see engine/runtime.py)."""
     for row in (r for r in rows if r["checkpoint"] == checkpoint and r["change"] == "bf16"):
-        assert not within_bounds(row), (f"bf16 on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}: take "
-                                        f"{BACKBONE[checkpoint]} out of CPU_BF16_BACKBONES", row)
+        if within_bounds(row):
+            assert BACKBONE[checkpoint] not in CPU_BF16_BACKBONES, (
+                f"bf16 on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}: take {BACKBONE[checkpoint]} "
+                f"out of CPU_BF16_BACKBONES", row)
 
 
 @pytest.mark.parametrize("checkpoint", sorted(BACKBONE))

@@ -40,7 +40,9 @@ def test_threads_and_workers_follow_the_cores_this_process_may_use(monkeypatch, 
     assert loaders.default_workers(torch.device("cpu"), 1000, 8) == workers
 
 
-# (native bf16, backbone, training, --amp, --channels_last) -> (bf16 autocast, channels_last) on a CPU
+# (native bf16, backbone, training, --amp, --channels_last) -> (bf16 autocast, channels_last) on
+# a CPU, with vgg16 in both tables (bf16 kept its scores and is faster, channels_last is faster
+# in either precision) and resnet50 in neither.
 CPU_SPEED = [
     ((True, "vgg16", False, "auto", "auto"), (True, True)),     # bf16 and channels_last: both measured faster, scores kept
     ((False, "vgg16", False, "auto", "auto"), (False, True)),   # no native bf16: float32, the faster layout
@@ -59,7 +61,19 @@ def test_auto_speed_flags_on_a_cpu(monkeypatch, case, expected):
     from engine import runtime
     native, backbone, training, amp, channels_last = case
     monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(runtime, "CPU_BF16_BACKBONES", frozenset({"vgg16"}))
+    monkeypatch.setattr(runtime, "CPU_CHANNELS_LAST", {"bf16": frozenset({"vgg16"}), "float32": frozenset({"vgg16"})})
     assert runtime.resolve_speed_flags(amp, channels_last, torch.device("cpu"), backbone, training=training) == expected
+
+
+def test_what_auto_picks_today_on_a_cpu_with_native_bf16(monkeypatch):
+    """The measured tables: VGG16 in float32 and channels_last (bf16 missed the score
+    bounds: tests/test_cpu_precision.py), tiny_cnn as it was."""
+    from engine import runtime
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    cpu = torch.device("cpu")
+    assert runtime.resolve_speed_flags("auto", "auto", cpu, "vgg16") == (False, True)
+    assert runtime.resolve_speed_flags("auto", "auto", cpu, "tiny_cnn") == (False, False)
 
 
 def test_the_tables_of_auto_name_real_backbones():
