@@ -26,7 +26,7 @@ def rows(tmp_path_factory):
     return score_cost.measure(str(tmp_path_factory.mktemp("score_cost")))
 
 
-def within_bounds(row) -> list:
+def broken_bounds(row) -> list:
     """The bounds a comparison breaks (empty when it meets them all)."""
     broken = []
     if not row["spearman_means"] >= MIN_SPEARMAN:
@@ -56,14 +56,14 @@ def test_auto_runs_in_bf16_only_the_backbones_whose_scores_it_keeps(rows, checkp
     """A checkpoint whose bf16 run misses a bound keeps its backbone out of
     CPU_BF16_BACKBONES (today VGG16 misses: see engine/runtime.py)."""
     for row in (r for r in rows if r["checkpoint"] == checkpoint and r["change"] == "bf16"):
-        if within_bounds(row):
+        if broken_bounds(row):
             assert BACKBONE[checkpoint] not in CPU_BF16_BACKBONES, (
-                f"bf16 on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}: take {BACKBONE[checkpoint]} "
+                f"bf16 on {checkpoint} ({row['set']}): {'; '.join(broken_bounds(row))}: take {BACKBONE[checkpoint]} "
                 f"out of CPU_BF16_BACKBONES", row)
 
 
 @pytest.mark.parametrize("checkpoint", sorted(BACKBONE))
 def test_draft_decoding_keeps_the_scores(rows, checkpoint):
     for row in (r for r in rows if r["checkpoint"] == checkpoint and r["change"] == "draft"):
-        assert not within_bounds(row), (f"draft decoding on {checkpoint} ({row['set']}): {'; '.join(within_bounds(row))}",
+        assert not broken_bounds(row), (f"draft decoding on {checkpoint} ({row['set']}): {'; '.join(broken_bounds(row))}",
                                         row)
