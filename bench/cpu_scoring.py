@@ -5,13 +5,15 @@ workers included), for 1, 32, 256 and 1,000 photos of two kinds, and the steady 
     python -m bench.cpu_scoring [--sizes 1 32 256 1000] [--sets ava camera] [--repeats 1] [--out results.jsonl]
     python -m bench.cpu_scoring --quick      # 1 photo, one run each: a smoke run (the test suite runs it)
 
-Three ways to score the same photos with the same released-format VGG16 (random weights:
+Four ways to score the same photos with the same released-format VGG16 (random weights:
 speed does not depend on them), run in turns so that drifting load hits all alike:
   reference  python -m bench.reference_loop: the whole torchvision VGG16 built, then one
              image at a time, full decode, float32
   old        test.py with the defaults it had before bf16 and draft decoding on a CPU:
              --amp off --channels_last off --exact_decode
   new        test.py with its defaults (what 'auto' picks on this CPU; printed)
+  bf16       test.py with its defaults and --amp on (faster where the CPU has native bf16;
+             not auto for VGG16, whose scores it moves beyond the bounds of bench/score_cost.py)
 Photo sets: ava, AVA-like 640 x 427 JPEGs (bench/ava_like.py); camera, 12-megapixel JPEGs
 (4000 x 3000) upscaled from the real photographs of tests/data/photos, 64 distinct
 files hard-linked up to the count (decoding is the same work; 1,000 such files would
@@ -82,7 +84,7 @@ def run_measured(cmd) -> dict:
 
 
 CAMERA_DISTINCT = 64
-WAYS = ("reference", "old", "new")
+WAYS = ("reference", "old", "new", "bf16")
 OLD_DEFAULTS = ["--amp", "off", "--channels_last", "off", "--exact_decode"]
 
 
@@ -111,7 +113,7 @@ def prepare(folder, sizes, sets) -> tuple:
 def command(way, ckpt, images, out, test_args) -> list:
     if way == "reference":
         return [sys.executable, "-m", "bench.reference_loop", "--model", ckpt, "--images", images, "--out", out + ".txt"]
-    flags = OLD_DEFAULTS if way == "old" else []
+    flags = {"old": OLD_DEFAULTS, "bf16": ["--amp", "on"]}.get(way, [])
     return [sys.executable, "test.py", "--model", ckpt, "--test_images", images, "--predictions", out, "--quiet",
             "--device", "cpu", *flags, *test_args]
 

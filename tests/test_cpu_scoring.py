@@ -142,7 +142,7 @@ def test_cpu_scoring_bench_quick_mode_reports_every_way(tmp_path):
     assert "test.py's defaults here: runtime: cpu" in proc.stdout  # what auto chose, in test.py's own words
     import json
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["set"], r["photos"], r["way"]) for r in rows] == [("ava", 1, "reference"), ("ava", 1, "old"), ("ava", 1, "new")]
+    assert [(r["set"], r["photos"], r["way"]) for r in rows] == [("ava", 1, w) for w in ("reference", "old", "new", "bf16")]
     for r in rows:
         assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_pss_mb"] > 0
     assert all(r["speedup_vs_reference"] > 0 for r in rows[1:])
