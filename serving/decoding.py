@@ -47,9 +47,10 @@ def _ready() -> bool:
     return bool(_worker)
 
 
-def _read_checked(data: bytes) -> tuple:
+def _read_checked(data: bytes, draft_side=None) -> tuple:
     """(upright RGB image, '', '') or (None, error kind, reason): the format, pixel and
-    resize checks every route applies before using an upload."""
+    resize checks every route applies before using an upload; `draft_side`: a large JPEG
+    decoded reduced (dataset.images.draft), for scoring."""
     if not data:
         return None, "unreadable_image", "empty file (0 bytes)"
     try:
@@ -61,7 +62,7 @@ def _read_checked(data: bytes) -> tuple:
         pass
     limit = _worker["max_pixels"]
     try:
-        rgb = load_rgb(io.BytesIO(data), max_pixels=limit, draft_side=_worker["draft_side"])
+        rgb = load_rgb(io.BytesIO(data), max_pixels=limit, draft_side=draft_side)
         check_resizable(rgb.size, _worker["resize_size"], limit)  # before the resize allocates it
     except ImageReadError as exc:
         text = str(exc)
@@ -72,7 +73,7 @@ def _read_checked(data: bytes) -> tuple:
 def decode_in_worker(data: bytes) -> tuple:
     """(input as a numpy array, '', '') or (None, error kind, reason). Errors are returned,
     not raised, so that nothing but plain values crosses the process boundary."""
-    rgb, kind, reason = _read_checked(data)
+    rgb, kind, reason = _read_checked(data, _worker["draft_side"])
     if rgb is None:
         return None, kind, reason
     try:
@@ -85,7 +86,8 @@ def decode_rgb_in_worker(data: bytes, max_side: int) -> tuple:
     """(upright RGB pixels as a (height, width, 3) uint8 array, '', '') or (None, error
     kind, reason), after the same checks as decode_in_worker; a photo longer than
     `max_side` on its longer side is reduced to it here (the explanations' working size),
-    so that only that much crosses the process boundary."""
+    so that only that much crosses the process boundary. Decoded at full size: /enhance
+    returns the photo at that working size, which a draft could make smaller."""
     rgb, kind, reason = _read_checked(data)
     if rgb is None:
         return None, kind, reason

@@ -13,7 +13,8 @@ import asyncio
 import base64
 import math
 
-from engine.explain.enhance import PARAMS, check_params, enhance_photo, jpeg_bytes, sweep
+from engine.explain.enhance import enhance_photo, jpeg_bytes, sweep
+from engine.explain.params import PARAMS, check_params
 from engine.explain.heatmaps import METHODS, explain_image
 from engine.explain.pictures import heat_overlay, thumbnail
 from engine.explain.pixels import crop_box
