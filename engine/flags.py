@@ -140,10 +140,10 @@ def add_decode_flag(parser) -> None:
     """--exact_decode of the commands that decode photos for the model (test.py, main.py,
     serve.py): the full-size decode instead of the JPEG draft (dataset/images.py)."""
     parser.add_argument("--exact_decode", action="store_true",
-                        help="decode JPEGs at full size; by default a JPEG at least 4 times the model's resize size "
-                             "is decoded already reduced by libjpeg (1/2, 1/4 or 1/8, its shorter side kept at least "
-                             "twice the resize size), several times faster on camera photos, with the score changes "
-                             "of docs/performance.md")
+                        help="decode JPEGs at full size; by default a large JPEG is decoded already reduced by "
+                             "libjpeg (1/2, 1/4 or 1/8, its shorter side kept at least twice the resize size and "
+                             "512 px), several times faster on camera photos, with the score changes of "
+                             "docs/performance.md")
 
 
 def check_threads(threads) -> None:

@@ -31,7 +31,7 @@ class Runtime:
     # with Pillow in the loader workers.
     gpu_decode: bool = False
     # Pillow decodes a large JPEG already reduced, its shorter side kept at least twice the
-    # model's resize size (dataset.images.draft): on unless --exact_decode.
+    # model's resize size and 512 px (dataset.images.draft): on unless --exact_decode.
     jpeg_draft: bool = False
     # torch's intra-op threads, set by configure_backends (None: torch's own default).
     threads: int = None

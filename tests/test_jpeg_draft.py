@@ -12,6 +12,7 @@ from PIL import Image
 from bench.ava_like import PHOTOS, camera_frame, camera_like_jpegs
 from conftest import EXIF_ORIENTATION, hand_crops, read_rows, run_test, tiny_checkpoint, to_input
 from dataset import ImageDataset, eval_transform
+from dataset import images
 from dataset.images import load_rgb, read_rgb, upright_rgb
 from engine.score.scorer import Scorer
 from model import build_model
@@ -29,9 +30,9 @@ def smooth_jpeg(path, size, exif=None):
     return path
 
 
-# (stored size, size once drafted for a resize to 64): the factor is the largest of 8, 4,
-# 2, 1 that keeps min(width, height) / factor >= 2 x 64 (dataset.images.DRAFT_MARGIN),
-# rounded up.
+# (stored size, size once drafted for a resize to 64, with the 512-pixel floor lifted): the
+# factor is the largest of 8, 4, 2, 1 that keeps min(width, height) / factor >= 2 x 64
+# (dataset.images.DRAFT_MARGIN), rounded up.
 DRAFTS = [
     ((200, 127), (200, 127)),    # far below: decoded at full size
     ((300, 255), (300, 255)),    # shorter side one below 4 x 64: full size
@@ -47,7 +48,8 @@ DRAFTS = [
 
 
 @pytest.mark.parametrize("stored, drafted", DRAFTS, ids=[f"{w}x{h}" for (w, h), _ in DRAFTS])
-def test_draft_reduces_by_the_largest_factor_that_keeps_the_resize_size(tmp_path, stored, drafted):
+def test_draft_reduces_by_the_largest_factor_that_keeps_the_resize_size(tmp_path, monkeypatch, stored, drafted):
+    monkeypatch.setattr(images, "DRAFT_MIN_SIDE", 0)  # the margin's arithmetic alone, on small files
     path = smooth_jpeg(tmp_path / "a.jpg", stored)
     assert load_rgb(path, draft_side=SIDE).size == drafted
     assert min(load_rgb(path, draft_side=SIDE).size) >= 2 * SIDE or load_rgb(path, draft_side=SIDE).size == stored
@@ -55,6 +57,19 @@ def test_draft_reduces_by_the_largest_factor_that_keeps_the_resize_size(tmp_path
     assert load_rgb(path, draft_side=None).size == stored
     with open(path, "rb") as f:                               # a file object (a tar member, an upload) as a path
         assert load_rgb(io.BytesIO(f.read()), draft_side=SIDE).size == drafted
+
+
+@pytest.mark.parametrize("side, stored, drafted", [
+    (64, (1200, 1023), (1200, 1023)),   # 2 x 64 would allow a quarter; the floor of 512 allows nothing
+    (64, (2048, 1024), (1024, 512)),    # exactly 2 x 512: halved, to the floor
+    (256, (2048, 1024), (1024, 512)),   # VGG16: 2 x 256 is the floor itself
+    (256, (4000, 3000), (1000, 750)),   # a 12-megapixel photo: a quarter
+    (300, (4000, 3000), (1000, 750)),   # 2 x 300 = 600 above the floor: 3000 // 600 = 5, a quarter
+    (300, (4000, 2000), (2000, 1000)),  # 2000 // 600 = 3: halved only
+])
+def test_draft_keeps_the_shorter_side_at_least_512_and_twice_the_resize(tmp_path, side, stored, drafted):
+    path = smooth_jpeg(tmp_path / "a.jpg", stored)
+    assert load_rgb(path, draft_side=side).size == drafted
 
 
 def test_draft_leaves_other_formats_and_decoded_images_alone(tmp_path):
@@ -69,11 +84,12 @@ def test_draft_leaves_other_formats_and_decoded_images_alone(tmp_path):
         assert upright_rgb(img, SIDE).size == (1024, 512)
 
 
-def test_draft_then_exif_orientation(tmp_path):
+def test_draft_then_exif_orientation(tmp_path, monkeypatch):
     """Stored 512 x 256 with orientation 6 (shown 256 x 512): halved in the stored frame,
     then turned upright."""
     exif = Image.Exif()
     exif[EXIF_ORIENTATION] = 6
+    monkeypatch.setattr(images, "DRAFT_MIN_SIDE", 0)
     path = smooth_jpeg(tmp_path / "r.jpg", (512, 256), exif.tobytes())
     assert load_rgb(path).size == (256, 512)
     assert load_rgb(path, draft_side=SIDE).size == (128, 256)
@@ -96,7 +112,7 @@ def test_draft_keeps_the_pixels_on_real_photographs(tmp_path):
 
 
 def test_the_dataset_drafts_to_its_transform_resize_size(tmp_path):
-    path = smooth_jpeg(tmp_path / "a.jpg", (1024, 768))
+    path = smooth_jpeg(tmp_path / "a.jpg", (2048, 1536))
     transform = eval_transform({"resize_size": 72, "image_size": 64, "normalize": "none"})
     drafted = ImageDataset([path], transform, draft=True)
     exact = ImageDataset([path], transform)
@@ -107,7 +123,7 @@ def test_the_dataset_drafts_to_its_transform_resize_size(tmp_path):
     # The exact path is the hand-made crop to the last bit.
     assert torch.equal(b, to_input(hand_crops(path, 72, 64)[0], "none"))
     rgb, _ = read_rgb(path, draft_side=72)
-    assert rgb.size == (256, 192)  # 768 // (2 x 72) = 5: a quarter
+    assert rgb.size == (1024, 768)  # 1536 // max(2 x 72, 512) = 3: halved
 
 
 @pytest.fixture(scope="module")
