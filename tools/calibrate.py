@@ -24,24 +24,13 @@ import os
 import sys
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
-from dataset import LabelFileError, read_label_csv
+# Only torch-free modules at the top: --help and a usage error answer without importing
+# torch; the functions that need it import the rest.
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
-from dataset.sources import table_source
-from engine.distributed import pick_device
+from dataset.mos import LABEL_FORMATS
 from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
-from engine.loaders import default_batch_size, default_workers
-from engine.metrics import compute_metrics, format_table, mean_and_std
-from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
-from engine.score.collection import collection_loader, scored_rows
-from model import CheckpointError, load_for_inference, save_checkpoint, strip_wrapper_prefixes
-from model.card import MIN_PERCENTILE_IMAGES, card_from_checkpoint, finish, now, print_card, quantiles_of
-from model.checkpoint import is_released_state_dict, read_checkpoint_file, recorded_args
 
-# The set's figures kept in the card (compute_metrics' names).
 KEPT_FIGURES = ("emd", "srcc_mean", "plcc_mean", "accuracy")
 
 
@@ -86,6 +75,10 @@ def check_args(args) -> None:
 
 def read_set(args):
     """The --csv table; ValueError when it has fewer rows than percentiles need."""
+    from dataset import read_label_csv
+    from dataset.mos import read_mos_csv, resolve_label_flags
+    from model.card import MIN_PERCENTILE_IMAGES
+    from model.checkpoint import recorded_args
     _, score_range = resolve_label_flags(args.label_format, args.score_range, recorded_args(args.model))
     if score_range is None:
         table = read_label_csv(args.csv, args.img_path, require_labels=False, require_images=False)
@@ -100,6 +93,8 @@ def read_set(args):
 def calibrated(ckpt, card, model_args) -> dict:
     """The new checkpoint: ours with the card replaced, or a bare state_dict as one of ours
     (weights, model_args with the release's normalisation, card)."""
+    from model import strip_wrapper_prefixes
+    from model.checkpoint import is_released_state_dict
     if is_released_state_dict(ckpt):
         return {"model": strip_wrapper_prefixes(ckpt), "model_args": dict(model_args), "card": card}
     return dict(ckpt, card=card)
@@ -107,9 +102,16 @@ def calibrated(ckpt, card, model_args) -> dict:
 
 def score_set(model, model_args, table, device, args) -> tuple:
     """(row indices, (N, 10) distributions, [(path, reason)]) of the table's images, scored
-    as test.py scores them: the same loader, test.py's default speed flags."""
-    amp, channels_last = resolve_speed_flags("auto", "auto", device)
-    rt = Runtime(device, amp, channels_last, show_progress=not args.quiet,
+    as test.py scores them: the same loader, test.py's default speed flags and decoding."""
+    import torch
+    from tqdm import tqdm
+
+    from dataset.sources import table_source
+    from engine.loaders import default_batch_size, default_workers
+    from engine.runtime import Runtime, resolve_speed_flags, resolve_uint8_transfer
+    from engine.score.collection import collection_loader, scored_rows
+    amp, channels_last = resolve_speed_flags("auto", "auto", device, model_args["base_model"])
+    rt = Runtime(device, amp, channels_last, show_progress=not args.quiet, jpeg_draft=True,
                  uint8_transfer=resolve_uint8_transfer("auto", device)).for_model(model_args)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -134,6 +136,16 @@ def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         check_args(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from dataset import LabelFileError  # the first import of torch (seconds), after the usage checks
+    from engine.distributed import pick_device
+    from engine.metrics import compute_metrics, format_table, mean_and_std
+    from model import CheckpointError, load_for_inference, save_checkpoint
+    from model.card import MIN_PERCENTILE_IMAGES, card_from_checkpoint, finish, now, print_card, quantiles_of
+    from model.checkpoint import read_checkpoint_file
+    try:
         table = read_set(args)
         device = pick_device(args.device)
         model, model_args = load_for_inference(args.model, device, normalize=args.normalize)

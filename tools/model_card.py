@@ -15,8 +15,6 @@ import json
 import sys
 
 from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
-from model import CheckpointError
-from model.card import full_text, read_card
 
 
 def get_args_parser():
@@ -30,6 +28,8 @@ def get_args_parser():
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
+    from model import CheckpointError  # torch: after the flags are parsed (--help needs none)
+    from model.card import full_text, read_card
     try:
         card = read_card(args.checkpoint, args.normalize)
     except CheckpointError as exc:
