@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import make_photo_folder, run_test, small_args, tiny_checkpoint
 from dataset.transforms import eval_transform
 from engine.explain.heatmaps import explain_image
-from fileio import safe_name
+from engine.explain.pixels import safe_name
 from model import build_model, default_model_args, load_for_inference
 from model.nima import NIMA
 
