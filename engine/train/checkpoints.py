@@ -18,7 +18,7 @@ from model.checkpoint import read_checkpoint_file, read_model_state
 from engine.train import card as run_card
 from engine.train.optim import describe_schedule, schedule_spec
 from engine.train.epoch import NonFiniteLossError
-from engine.train.options import HIGHER_IS_BETTER
+from engine.train.options import HIGHER_IS_BETTER, MONITORS  # noqa: F401 - MONITORS: read here by callers too
 
 # Flags a resumed run must share with its checkpoint: with another value its numbers
 # would no longer be those of one run (another metric's best, other rates, batches,
