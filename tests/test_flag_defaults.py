@@ -41,20 +41,20 @@ MAIN = {
     "normalize": None, "dropout": None,
     # hardware
     "device": "auto", "multi_gpu": False, "gpu_ids": None, "dist_timeout": 600, "amp": "auto", "channels_last": "auto",
-    "compile": False, "uint8_transfer": "auto", "quiet": False,
+    "compile": False, "uint8_transfer": "auto", "exact_decode": False, "quiet": False,
 }
 
 TEST = {
     "model": None, "test_csv_file": None, "test_images": None, "file_list": None, "predictions": "predictions",
     "resume": False, "keep_parts": False, "output_format": "csv", "part_size": 5000, "dist_timeout": 1800,
     "label_format": None, "score_range": None, "num_workers": None, "batch_size": None, "tta": 1, "normalize": None,
-    "device": "auto", "amp": "auto", "channels_last": "auto", "uint8_transfer": "auto", "gpu_decode": False,
-    "contact_sheet": 0, "explain": "0", "max_image_pixels": PILLOW_PIXEL_LIMIT, "quiet": False,
+    "device": "auto", "amp": "auto", "channels_last": "auto", "threads": None, "exact_decode": False,
+    "uint8_transfer": "auto", "gpu_decode": False, "contact_sheet": 0, "explain": "0", "max_image_pixels": PILLOW_PIXEL_LIMIT, "quiet": False,
 }
 
 SERVE = {
     "model": None, "normalize": None, "host": "127.0.0.1", "port": 8000, "device": "auto", "amp": "auto",
-    "max_batch": 32, "max_wait_ms": 5.0, "max_body_mb": 20.0, "max_image_pixels": PILLOW_PIXEL_LIMIT,
+    "channels_last": "auto", "exact_decode": False, "max_batch": 32, "max_wait_ms": 5.0, "max_body_mb": 20.0, "max_image_pixels": PILLOW_PIXEL_LIMIT,
     "max_files": 64, "workers": "min(4, cores)", "api_key": None, "max_connections": 256, "log_level": "info",
 }
 
@@ -110,6 +110,6 @@ def test_test_py_batch_size_default(device, batch):
 ])
 def test_test_py_workers_default(monkeypatch, device, cores, items, batch, workers):
     """None for a single batch; on a CPU 1 up to 4 cores, a quarter of the cores above (at
-    most 8); on CUDA min(8, cores)."""
-    monkeypatch.setattr(loaders.os, "cpu_count", lambda: cores)
+    most 8); on CUDA min(8, cores). The cores are those the process may use (its affinity)."""
+    monkeypatch.setattr(loaders.os, "sched_getaffinity", lambda pid: set(range(cores)))
     assert loaders.default_workers(torch.device(device), items, batch) == workers
