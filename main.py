@@ -22,7 +22,7 @@ from dataset.sources import table_source
 from dataset.transforms import check_tta
 from engine import distributed
 from engine.train.checkpoints import MONITORS, RunCheckpoints
-from engine.flags import ArgumentParser, HelpFormatter, str2bool
+from engine.flags import ArgumentParser, HelpFormatter, add_decode_flags, apply_decode_flags, str2bool
 from engine.score.collection import score_to_files
 from engine.score.inference import evaluate, inference_dataset
 from engine.loaders import make_loader
@@ -99,6 +99,7 @@ def get_args_parser():
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit)")
+    add_decode_flags(g)
     g = p.add_argument_group("model (a resume, warm start or --init_from takes these from its checkpoint)")
     # The model flags default to None: resolve_model_args fills in the defaults, or the
     # checkpoint's values for a resume, warm start or --init_from (None = not typed).
@@ -164,6 +165,7 @@ def main(args) -> int:
         return 2
     try:
         check_usage(args)
+        apply_decode_flags(args)  # --decode_timeout, --max_decode_mb: for every decode of the run, in every worker
         dist_info, device = distributed.setup(args.device, args.dist_timeout)
     except ValueError as exc:  # UsageError included
         print(f"error: {exc}", file=sys.stderr)

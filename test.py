@@ -24,7 +24,7 @@ from dataset.transforms import check_tta
 from engine import distributed
 from engine.score.collection import PART_SIZE, collection_workers, score_to_files
 from engine.explain.pictures import parse_explain, write_explanations
-from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_decode_flags, add_normalize_flag, apply_decode_flags
 from engine.loaders import default_batch_size
 from engine.score.merge import PARQUET_HINT, OpenersById
 from engine.score.parts import PartsResumeError
@@ -91,6 +91,7 @@ def get_args_parser():
                         "the K highest and K lowest scored images, or every image with 'all' (0: off)")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
+    add_decode_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -139,6 +140,7 @@ def main(args) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports usage errors
     try:
         check_flags(args)
+        apply_decode_flags(args)  # --decode_timeout, --max_decode_mb: for every decode, in every loader worker
         dist_info, device = distributed.setup(args.device, args.dist_timeout)
     except ValueError as exc:
         if is_main:

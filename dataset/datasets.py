@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from .decode_limits import decode_limits
 from .images import ImageReadError, check_max_pixels, check_resizable, read_rgb
 from .labels import NUM_BINS
 
@@ -31,7 +32,9 @@ class ImageDataset(Dataset):
     """Items are dicts: index, image (C, H, W) or (N, C, H, W) under TTA, target (10,),
     ok (bool), error (str, '' when ok), warning (decoder warnings, '' when none).
 
-    max_pixels: --max_image_pixels (None: Pillow's default limit)."""
+    max_pixels: --max_image_pixels (None: Pillow's default limit). The decode limits
+    (deadline, memory, scans) are this process's when the dataset is made: they travel
+    with it to loader workers, however those are started."""
 
     def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None):
         self.paths = list(paths)
@@ -41,6 +44,7 @@ class ImageDataset(Dataset):
         self.blank_dtype = getattr(transform, "output_dtype", torch.float32)
         self.max_pixels = check_max_pixels(max_pixels)
         self.resize_to = resize_target(transform)
+        self.limits = decode_limits()
 
     def __len__(self):
         return len(self.paths)
@@ -60,7 +64,7 @@ class ImageDataset(Dataset):
         file object (a tar member's bytes). Never raises for a bad image: it comes back
         blank with ok False and the reason."""
         try:
-            rgb, warning = read_rgb(source, self.max_pixels)
+            rgb, warning = read_rgb(source, self.max_pixels, self.limits)
             if self.resize_to:  # before the resize allocates it
                 check_resizable(rgb.size, self.resize_to, self.max_pixels)
             return self.transform(rgb), True, "", warning
