@@ -8,6 +8,7 @@ import io
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import tarfile
@@ -206,7 +207,11 @@ def small_args(name, **extra):
 def children(pid):
     """Direct child PIDs of `pid`, from /proc (psutil is not a dependency)."""
     out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # the process is gone
+        return out
+    for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out += [int(c) for c in f.read().split()]
@@ -241,15 +246,19 @@ class Server:
     """serve.py in a subprocess on a free loopback port (--port 0: the port it printed);
     $NIMA_API_KEY only from `env`. wait_ready() returns it once /health answers."""
 
-    def __init__(self, ckpt, log_path, *extra, env=None):
+    def __init__(self, ckpt, log_path, *extra, env=None, workers=1):
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(ckpt), "--host", "127.0.0.1",
-                                      "--port", "0", "--device", "cpu", "--workers", "1", "--log_level", "warning",
+                                      "--port", "0", "--device", "cpu", "--workers", str(workers), "--log_level", "warning",
                                       *map(str, extra)],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**{k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}, **(env or {})})
         self.url = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def output(self) -> str:
         with open(self.log_path) as f:
@@ -275,9 +284,63 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            # The fork server and its children (the decoders) are not the service's
+            # children: killed with it, not left behind.
+            below = [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
             self.proc.kill()
             self.proc.wait(timeout=30)
+            for pid in below:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.log.close()
+
+
+def _cmdline(pid) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def fork_server(pid):
+    """The multiprocessing fork server started by serve.py `pid` (None if none)."""
+    found = [c for c in children(pid) if b"forkserver" in _cmdline(c)] if os.path.exists(f"/proc/{pid}") else []
+    return found[0] if found else None
+
+
+def decoder_processes(pid) -> list:
+    """The pids of serve.py's decoding processes: the children of its fork server."""
+    server = fork_server(pid)
+    return sorted(children(server)) if server is not None and os.path.exists(f"/proc/{server}") else []
+
+
+def process_tree(pid) -> list:
+    """`pid` and every process below it, from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if os.path.exists(f"/proc/{p}"):
+            found.append(p)
+            todo += children(p)
+    return found
+
+
+def tree_memory(pid) -> tuple:
+    """(RSS, PSS) in bytes, summed over the process tree of `pid`. RSS counts the pages
+    forked processes share once per process; PSS divides them among their sharers."""
+    rss = pss = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        rss += int(re.search(r"^Rss:\s+(\d+) kB", text, re.M).group(1)) * 1024
+        pss += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1)) * 1024
+    return rss, pss
 
 
 # ---- collections: folders and tar shards ----------------------------------------------
@@ -343,3 +406,40 @@ def served_tiny(tiny_ckpt, tmp_path_factory):
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+# ---- hostile images -----------------------------------------------------------------
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+
+def _entropy_bits(bits) -> bytes:
+    """'0'/'1' characters packed MSB first, padded with 1-bits, 0xFF bytes stuffed with 0x00
+    (JPEG's entropy-coded data)."""
+    bits += "1" * (-len(bits) % 8)
+    out = bytearray()
+    for i in range(0, len(bits), 8):
+        out.append(int(bits[i:i + 8], 2))
+        if out[-1] == 0xFF:
+            out.append(0)
+    return bytes(out)
+
+
+def jpeg_scan_bomb(width, height, scans) -> bytes:
+    """A valid greyscale progressive JPEG (SOF2) of `scans` scans: one DC scan, then the
+    same AC scan again and again. Written by hand from the JPEG standard: one-symbol
+    Huffman tables (DC difference 0; an end-of-band run of 16384..32767 blocks), so an
+    AC scan over all the blocks takes a few bytes however large the image, while a
+    decoder still walks every block in every scan."""
+    blocks = -(-width // 8) * -(-height // 8)
+    one_code = bytes([1] + [0] * 15)  # one code of length 1 ('0')
+    out = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
+    out += _segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
+    out += _segment(0xC4, b"\x00" + one_code + b"\x00") + _segment(0xC4, b"\x10" + one_code + b"\xe0")
+    out += _segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + _entropy_bits("0" * blocks)  # DC: every difference 0
+    runs = -(-blocks // 32767)  # EOB14 runs of 16384..32767 blocks covering every block
+    assert blocks >= 16384, "the image needs at least 16384 blocks (1024 x 1024 pixels)"
+    ac = _entropy_bits("".join("0" + format(blocks // runs + (i < blocks % runs) - 16384, "014b") for i in range(runs)))
+    out += (_segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + ac) * (scans - 1)
+    return out + b"\xff\xd9"

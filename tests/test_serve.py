@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import serve as serve_cli
-from conftest import ROOT, Server, run_main, run_test, tiny_train_args
+from conftest import ROOT, Server, decoder_processes, run_main, run_test, tiny_train_args
 
 KEY = "s3cret-key"
 EXIF_ORIENTATION = 0x0112
@@ -311,21 +311,6 @@ def test_model_metrics_and_docs(setup):
         assert docs.status_code == 200 and "swagger" in docs.text.lower()
         schema = c.get("/openapi.json").json()
         assert "multipart/form-data" in schema["paths"]["/score"]["post"]["requestBody"]["content"]
-
-
-def decoder_processes(pid) -> list:
-    """The pids of serve.py's decoding processes (children started by multiprocessing's
-    spawn; its resource tracker is another child)."""
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    found = []
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                found.append(child)
-    return found
 
 
 @pytest.mark.subprocess
