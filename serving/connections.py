@@ -11,10 +11,12 @@ slowly or not at all.
              401, 503...) the rest of a body is read and dropped for at most
              --header_timeout seconds.
   limit      at most --max_connections open. One more arriving makes room by closing
-             the connection that has waited longest for a request (none has: it is
-             idle); when every connection has a request in progress the newcomer is
-             refused: its request read (body drained, so the answer is not lost to a
-             reset), then a JSON 503 with Retry-After and Connection: close.
+             the connection that has waited longest for a request, if that is 2 s or
+             more (none has: it is idle). Else the newcomer is refused: its request
+             read (body drained, so the answer is not lost to a reset), then a JSON
+             503 with Retry-After and Connection: close. Beyond 64 connections being
+             refused (a flood), the idlest connection of any age is closed to make
+             room, or if none is idle, the newcomer is closed unanswered.
   malformed  a request h11 cannot parse gets a JSON 400 (uvicorn's own is plain text).
 
 Every answer given here is the service's JSON error {"error": kind, "detail": ...}.
@@ -106,20 +108,25 @@ class ConnectionGuard:
         over = sum(not c.transport.is_closing() for c in self.connections) - self.limits.max_connections
         if over <= 0:
             return
-        victim = self._idlest(new)
+        victim = self._idlest(new, EVICT_AFTER_S)
+        if victim is None and over > REFUSE_BACKLOG:
+            # A flood of connections: make room at the expense of the idlest one however
+            # young (a flood's own), before closing the newcomer unanswered.
+            victim = self._idlest(new, 0.0)
         if victim is not None:
             victim.close_for("evicted_idle", answer=None)
-            return
-        if over > REFUSE_BACKLOG:
+        elif over > REFUSE_BACKLOG:
             new.close_for("refused_unanswered", answer=None)
         else:
             new.app = self._refuse
 
-    def _idlest(self, new):
+    def _idlest(self, new, min_wait: float):
+        """The connection waiting longest (at least min_wait) for a request, with nothing
+        unread; None if none."""
         now = time.monotonic()
         best = None
         for conn in self.connections:
-            if (conn is not new and conn.waiting_for_request() and now - conn.waiting_since >= EVICT_AFTER_S
+            if (conn is not new and conn.waiting_for_request() and now - conn.waiting_since >= min_wait
                     and not conn.transport.is_closing() and not unread_bytes(conn.transport)
                     and (best is None or conn.waiting_since < best.waiting_since)):
                 best = conn

@@ -8,7 +8,6 @@ import io
 import os
 import re
 import signal
-import struct
 import subprocess
 import sys
 import tarfile
@@ -27,6 +26,7 @@ import main as main_cli  # noqa: E402
 import test as test_cli  # noqa: E402
 from model import build_model, default_model_args, save_checkpoint  # noqa: E402
 from model.registry import get_backbone  # noqa: E402
+from bench.attacks import jpeg_scan_bomb  # noqa: E402,F401  (hostile files live in bench/attacks.py)
 from tools import make_demo_data  # noqa: E402
 
 
@@ -406,40 +406,3 @@ def served_tiny(tiny_ckpt, tmp_path_factory):
         yield server.wait_ready()
     finally:
         server.stop()
-
-
-# ---- hostile images -----------------------------------------------------------------
-
-def _segment(marker: int, payload: bytes) -> bytes:
-    return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
-
-
-def _entropy_bits(bits) -> bytes:
-    """'0'/'1' characters packed MSB first, padded with 1-bits, 0xFF bytes stuffed with 0x00
-    (JPEG's entropy-coded data)."""
-    bits += "1" * (-len(bits) % 8)
-    out = bytearray()
-    for i in range(0, len(bits), 8):
-        out.append(int(bits[i:i + 8], 2))
-        if out[-1] == 0xFF:
-            out.append(0)
-    return bytes(out)
-
-
-def jpeg_scan_bomb(width, height, scans) -> bytes:
-    """A valid greyscale progressive JPEG (SOF2) of `scans` scans: one DC scan, then the
-    same AC scan again and again. Written by hand from the JPEG standard: one-symbol
-    Huffman tables (DC difference 0; an end-of-band run of 16384..32767 blocks), so an
-    AC scan over all the blocks takes a few bytes however large the image, while a
-    decoder still walks every block in every scan."""
-    blocks = -(-width // 8) * -(-height // 8)
-    one_code = bytes([1] + [0] * 15)  # one code of length 1 ('0')
-    out = b"\xff\xd8" + _segment(0xDB, b"\x00" + bytes([1] * 64))
-    out += _segment(0xC2, struct.pack(">BHHB", 8, height, width, 1) + b"\x01\x11\x00")
-    out += _segment(0xC4, b"\x00" + one_code + b"\x00") + _segment(0xC4, b"\x10" + one_code + b"\xe0")
-    out += _segment(0xDA, b"\x01\x01\x00\x00\x00\x00") + _entropy_bits("0" * blocks)  # DC: every difference 0
-    runs = -(-blocks // 32767)  # EOB14 runs of 16384..32767 blocks covering every block
-    assert blocks >= 16384, "the image needs at least 16384 blocks (1024 x 1024 pixels)"
-    ac = _entropy_bits("".join("0" + format(blocks // runs + (i < blocks % runs) - 16384, "014b") for i in range(runs)))
-    out += (_segment(0xDA, b"\x01\x01\x00\x01\x3f\x00") + ac) * (scans - 1)
-    return out + b"\xff\xd9"

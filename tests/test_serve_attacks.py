@@ -38,7 +38,7 @@ def servers(tiny_ckpt, tmp_path_factory):
     defaults the default limits (256 connections, 10 s for a header), 2 decoders
     single   one decoder, 32 MiB of uploads in flight, 3 s graceful shutdown, 60 s body
              stalls (so that only the shutdown timeout ends a slow sender)"""
-    root = tmp_path_factory.mktemp("serve_limits")
+    root = tmp_path_factory.mktemp("serve_attacks")
     guarded = Server(tiny_ckpt, root / "guarded.log", "--max_connections", MAX_CONNECTIONS,
                            "--header_timeout", HEADER_TIMEOUT_S, "--body_timeout", BODY_TIMEOUT_S, "--max_inflight_mb", 1,
                            "--queue_timeout", 1, "--max_body_mb", 4, "--decode_timeout", 0.25, workers=2)
