@@ -19,6 +19,7 @@ from PIL import Image
 from dataset.decode_limits import DecodeLimits, set_decode_limits
 from dataset.images import ImageReadError, check_resizable, load_rgb
 
+from serving.memory import return_freed_memory
 from serving.workers import FairProcessPool, JobTimeout, WorkerDied
 
 log = logging.getLogger("nima.serve")
@@ -35,6 +36,7 @@ _worker = {}
 
 def _init_worker(transform, resize_size: int, max_pixels: int, limits: DecodeLimits) -> None:
     torch.set_num_threads(1)  # one image per worker at a time; the workers are the parallelism
+    return_freed_memory()  # a large image's buffers go back to the system once it is decoded
     set_decode_limits(limits.timeout_s, limits.max_decode_mb)
     _worker.update(transform=transform, resize_size=resize_size, max_pixels=max_pixels)
 
