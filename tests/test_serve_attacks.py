@@ -7,7 +7,8 @@ leaving a working pool; requests take turns at the decoders. Connections: idle o
 slow headers and bodies are closed, never locking others out; the connection limit at
 and one past it; 300 concurrent clients each get a 200 or a JSON 503, none a reset.
 Memory: a burst of large uploads stays within the upload budget and falls back after.
-Shutdown: SIGTERM with a 1 byte/s sender exits within --shutdown_timeout.
+Shutdown: SIGTERM with a 1 byte/s sender exits within --shutdown_timeout. And the load
+test's adversarial mode (bench.serve_load --adversarial --quick) runs and reports.
 """
 import asyncio
 import io
@@ -15,6 +16,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -23,7 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import Server, decoder_processes, jpeg, jpeg_scan_bomb, tree_memory
+from bench import serve_load
+from conftest import ROOT, Server, decoder_processes, jpeg, jpeg_scan_bomb, tree_memory
 
 REQUEST_TIMEOUT_S = 60
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 2, 5
@@ -447,3 +451,35 @@ def test_sigterm_with_a_one_byte_a_second_sender_exits_within_the_shutdown_timeo
         sender.close()
     assert seconds < 3 + 10, seconds  # --shutdown_timeout 3, and the exit itself
     assert "stopped by SIGTERM" in server.output()
+
+
+# ---- the adversarial load test -------------------------------------------------------------
+
+@pytest.mark.subprocess
+@pytest.mark.slow
+def test_bench_adversarial_quick(tmp_path):
+    out = tmp_path / "serve_attack.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "bench.serve_load", "--adversarial", "--quick", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = {r["phase"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(records) == {"baseline", "attack", "summary"}
+    for phase in ("baseline", "attack"):
+        r = records[phase]
+        assert r["mode"] == "adversarial" and r["requests"] == 40 and r["errors"] == 0, r
+        assert 0 < r["p50_ms"] <= r["p99_ms"] and "cores" in r["hardware"]
+    summary = records["summary"]
+    assert summary["p99_ratio"] == pytest.approx(records["attack"]["p99_ms"] / records["baseline"]["p99_ms"])
+    outcomes = summary["attack_outcomes"]
+    # Every bomb refused for its own reason, every large non-image answered: nothing else.
+    expected = {"scan bomb: 422 image_too_complex", "pixel bomb: 422 image_too_large",
+                "memory bomb: 422 image_too_large", "16 MB upload: 422 not_an_image"}
+    sent = {k for k in outcomes if k.split(":")[0] in ("scan bomb", "pixel bomb", "memory bomb", "16 MB upload")}
+    assert sent == expected, outcomes
+    assert "goal: p99 ratio <= 3" in proc.stdout
+
+
+def test_bench_attack_flags_are_checked(capsys):
+    for argv in (["--attack_idle", "-1"], ["--attack_bombs_per_s", "-2"]):
+        assert serve_load.main(serve_load.get_args_parser().parse_args(["--adversarial", *argv])) == 2
+        assert "--attack_ flags must be >= 0" in capsys.readouterr().err
