@@ -83,6 +83,9 @@ def check_args(args) -> str:
     for flag in ("queue_timeout", "shutdown_timeout"):
         if not getattr(args, flag) >= 0:
             raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
+    if not args.queue_timeout < args.body_timeout:
+        raise ValueError(f"--queue_timeout ({args.queue_timeout:g}) must be below --body_timeout ({args.body_timeout:g}): "
+                         "a request waiting for room under --max_inflight_mb reads none of its body meanwhile")
     check_decode_limits(args.decode_timeout, args.max_decode_mb)
     if args.max_wait_ms < 0:
         raise ValueError(f"--max_wait_ms must be >= 0, got {args.max_wait_ms:g}")

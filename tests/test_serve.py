@@ -373,6 +373,12 @@ def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
                         (["--max_body_mb", "0"], "--max_body_mb must be > 0"),
                         (["--max_image_pixels", "0"], "--max_image_pixels"),
                         (["--api_key", " "], "--api_key is empty"),
+                        (["--max_inflight_mb", "0"], "--max_inflight_mb must be > 0"),
+                        (["--header_timeout", "0"], "--header_timeout must be > 0"),
+                        (["--shutdown_timeout", "-1"], "--shutdown_timeout must be >= 0"),
+                        (["--queue_timeout", "30"], "--queue_timeout (30) must be below --body_timeout (30)"),
+                        (["--decode_timeout", "-1"], "--decode_timeout must be >= 0"),
+                        (["--max_decode_mb", "0"], "--max_decode_mb must be > 0"),
                         (["--normalize", "none"], "--normalize none contradicts"),
                         (["--port", str(port)], f"cannot listen on --host 127.0.0.1 --port {port}")):
         args = serve_cli.get_args_parser().parse_args(["--model", str(setup["ckpt"]), "--device", "cpu", *argv])
