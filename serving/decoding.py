@@ -20,7 +20,8 @@ from dataset.decode_limits import DecodeLimits, set_decode_limits
 from dataset.images import ImageReadError, check_resizable, load_rgb
 
 from serving.memory import return_freed_memory
-from serving.workers import FairProcessPool, JobTimeout, WorkerDied
+from serving.errors import ServiceError
+from serving.workers import FairProcessPool, JobTimeout, PoolStopped, WorkerDied
 
 log = logging.getLogger("nima.serve")
 # The formats a request may send. Pillow opens many more, some through external
@@ -138,6 +139,8 @@ class DecoderPool:
     async def _run(self, owner, work, data: bytes, *args) -> tuple:
         try:
             return await self._pool.run(owner, work, data, *args)
+        except PoolStopped as exc:
+            raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
         except JobTimeout:
             return None, "decode_timeout", (f"decode took longer than --decode_timeout {self.limits.timeout_s:g} s "
                                             "(its decoding process was replaced)")

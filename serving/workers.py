@@ -32,6 +32,10 @@ class WorkerDied(Exception):
     """The process died on the job, twice (two processes): the job kills its decoder."""
 
 
+class PoolStopped(RuntimeError):
+    """run() before start() or after stop(): the service is starting or shutting down."""
+
+
 def _serve(conn, initializer, initargs) -> None:
     """A worker's life: initialise, say ready, then answer fn(payload, *args) for each
     job, which comes as (fn, args), then the payload's bytes (not pickled: no copy)."""
@@ -145,7 +149,7 @@ class FairProcessPool:
         """fn(payload, *args) in a worker, after the jobs queued before it in its owner's
         turn. `owner`: any hashable (None: a line of its own)."""
         if self._stopping or not self._dispatchers:
-            raise RuntimeError("the decoding processes are not running (the service is starting or shutting down)")
+            raise PoolStopped("the decoding processes are not running (the service is starting or shutting down)")
         future = asyncio.get_running_loop().create_future()
         key = owner if owner is not None else future
         self._queues.setdefault(key, collections.deque()).append(_Job(fn, payload, args, future))
