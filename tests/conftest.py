@@ -8,6 +8,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -406,3 +407,63 @@ def served_tiny(tiny_ckpt, tmp_path_factory):
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+# ---- talking to serve.py: a small JPEG, /score, /metrics, raw HTTP over a socket ----------
+
+def small_jpeg(seed=0) -> bytes:
+    return jpeg(np.random.default_rng(seed))
+
+
+def score(server, data: bytes, timeout=60, **kwargs):
+    """POST `data` to the server's /score as one JPEG body; the httpx answer."""
+    import httpx
+    return httpx.post(server.url + "/score", content=data, headers={"Content-Type": "image/jpeg"},
+                      timeout=timeout, **kwargs)
+
+
+def server_metric(server, name: str) -> float:
+    """The value of metric `name` (with its labels, if any) in the server's /metrics; 0 if absent."""
+    import httpx
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def connect(server, timeout=30) -> socket.socket:
+    """A raw connection to the server, for what no polite client does (idle, slow, malformed)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def read_answer(sock) -> tuple:
+    """(status, headers dict, body bytes) of the answer on `sock`, read to its end."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of an answer"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock) -> bool:
+    """True when the server has closed `sock` (EOF, or a reset), within its timeout."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def post_head(length: int, path="/score", content_type="image/jpeg") -> bytes:
+    """A POST's request line and header, announcing a body of `length` bytes."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()
