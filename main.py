@@ -18,7 +18,8 @@ import sys
 from dataset.images import DEFAULT_MAX_PIXELS
 from dataset.mos import LABEL_FORMATS
 from dataset.constants import check_tta
-from engine.flags import SPEED_CHOICES, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, str2bool
+from engine.flags import (SPEED_CHOICES, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_decode_flags,
+                          apply_decode_flags, str2bool)
 from engine.train.options import MONITORS, OPTIMIZERS, SCHEDULES, UsageError, check_recipe_flags
 from model.constants import BACKBONE_NAMES, DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS, NORMALIZE_CHOICES
 
@@ -82,6 +83,7 @@ def get_args_parser():
     g.add_argument("--strict_images", action="store_true", help="stop on an unreadable training image instead of skipping it")
     g.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help="an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit)")
+    add_decode_flags(g)
     g = p.add_argument_group("model (a resume, warm start or --init_from takes these from its checkpoint)")
     # The model flags default to None: resolve_model_args fills in the defaults, or the
     # checkpoint's values for a resume, warm start or --init_from (None = not typed).
@@ -155,6 +157,7 @@ def main(args) -> int:
         return 2
     try:
         check_usage(args)
+        apply_decode_flags(args)  # --decode_timeout, --max_decode_mb: for every decode of the run, in every worker
     except ValueError as exc:  # UsageError included
         print(f"error: {exc}", file=sys.stderr)
         return 2

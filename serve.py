@@ -5,7 +5,8 @@
 
 Any checkpoint test.py takes, with its preprocessing and its scores. Routes: POST /score,
 GET /health, /model, /metrics, /docs (serving/). SIGTERM or Ctrl-C: stop accepting,
-answer the requests already accepted, exit 0.
+answer the requests already accepted (for up to --shutdown_timeout seconds), exit 0.
+The defences against slow, idle and greedy clients are described in docs/serving.md.
 Exit codes: 0 after a shutdown by signal; 2 bad usage, unreadable checkpoint, or an
 address that cannot be bound.
 """
@@ -17,8 +18,9 @@ import sys
 
 # Only torch-free modules here: --help and a usage error answer without importing torch
 # (seconds); main() imports the rest once the flags are checked.
+from dataset.decode_limits import check_decode_limits
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
-from engine.flags import ArgumentParser, HelpFormatter, add_decode_flag, add_normalize_flag, add_speed_flags
+from engine.flags import ArgumentParser, HelpFormatter, add_decode_flag, add_decode_flags, add_normalize_flag, add_speed_flags
 
 API_KEY_ENV = "NIMA_API_KEY"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -46,8 +48,23 @@ def get_args_parser():
     p.add_argument("--api_key", default=None, help=f"require this key (header 'Authorization: Bearer KEY' or 'X-API-Key: KEY') "
                                                    f"on /score, /model and /metrics; default: ${API_KEY_ENV} when set, which unlike a "
                                                    f"flag does not show in the process list")
-    p.add_argument("--max_connections", type=int, default=256, help="open connections beyond which new ones get 503 "
-                                                                    "(bounds the memory of bodies being received)")
+    add_decode_flags(p)
+    g = p.add_argument_group("defences against slow, idle and greedy clients (docs/serving.md)")
+    g.add_argument("--max_connections", type=int, default=256,
+                   help="open connections; one more closes the connection idle longest, or when every one has a "
+                        "request in progress, gets a JSON 503")
+    g.add_argument("--max_inflight_mb", type=float, default=128.0,
+                   help="upload bytes being received or decoded, all requests together (MiB); a request beyond it "
+                        "waits up to --queue_timeout, then gets a JSON 503 with Retry-After")
+    g.add_argument("--queue_timeout", type=float, default=10.0, help="longest wait for --max_inflight_mb, in seconds")
+    g.add_argument("--header_timeout", type=float, default=10.0,
+                   help="a request's header must arrive within this many seconds of the connection opening "
+                        "(or of the previous answer), else the connection is closed")
+    g.add_argument("--body_timeout", type=float, default=30.0,
+                   help="a body may not stall this many seconds; after this long it must average --min_body_kbps")
+    g.add_argument("--min_body_kbps", type=float, default=16.0, help="slowest average body rate kept, KiB/s")
+    g.add_argument("--shutdown_timeout", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C, longest wait for the requests in progress before they are cut")
     p.add_argument("--log_level", choices=["critical", "error", "warning", "info", "debug"], default="info",
                    help="uvicorn's log level (info logs one line per request)")
     return p
@@ -58,6 +75,16 @@ def check_args(args) -> str:
     for flag in ("max_batch", "max_files", "workers", "max_connections"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_inflight_mb", "header_timeout", "body_timeout", "min_body_kbps"):
+        if not getattr(args, flag) > 0:
+            raise ValueError(f"--{flag} must be > 0, got {getattr(args, flag):g}")
+    for flag in ("queue_timeout", "shutdown_timeout"):
+        if not getattr(args, flag) >= 0:
+            raise ValueError(f"--{flag} must be >= 0, got {getattr(args, flag):g}")
+    if not args.queue_timeout < args.body_timeout:
+        raise ValueError(f"--queue_timeout ({args.queue_timeout:g}) must be below --body_timeout ({args.body_timeout:g}): "
+                         "a request waiting for room under --max_inflight_mb reads none of its body meanwhile")
+    check_decode_limits(args.decode_timeout, args.max_decode_mb)
     if args.max_wait_ms < 0:
         raise ValueError(f"--max_wait_ms must be >= 0, got {args.max_wait_ms:g}")
     if not args.max_body_mb > 0:
@@ -105,6 +132,8 @@ def main(args) -> int:
 
         from engine.score.scorer import Scorer
         from serving import ServeConfig, create_app
+        from serving.connections import ConnectionGuard, ConnectionLimits
+        from serving.memory import return_freed_memory
     except ImportError as exc:
         print(f"error: {exc.name} is missing; install the service's packages: pip install -r requirements-serve.txt",
               file=sys.stderr)
@@ -124,10 +153,19 @@ def main(args) -> int:
     scorer.score_tensors(torch.zeros(1, 3, size, size))  # first-call set-up now, not in the first request
     config = ServeConfig(checkpoint=os.path.basename(args.model), max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          max_body_mb=args.max_body_mb, max_image_pixels=args.max_image_pixels,
-                         max_files=args.max_files, workers=args.workers, api_key=api_key)
+                         max_files=args.max_files, workers=args.workers, api_key=api_key,
+                         decode=check_decode_limits(args.decode_timeout, args.max_decode_mb),
+                         max_inflight_mb=args.max_inflight_mb, queue_timeout=args.queue_timeout)
     app = create_app(scorer, config, device=str(scorer.rt.device))
-    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, limit_concurrency=args.max_connections,
-                                           timeout_graceful_shutdown=None, server_header=False))
+    metrics = app.state.service.metrics
+    guard = ConnectionGuard(ConnectionLimits(args.max_connections, args.header_timeout, args.body_timeout,
+                                             args.min_body_kbps), metrics)
+    metrics.open_connections.set_function(guard.open_connections)
+    return_freed_memory()  # large buffers (uploads) go back to the system when freed, not kept by malloc
+    # uvicorn's limit_concurrency is off: the guard counts connections (and answers in JSON).
+    server = uvicorn.Server(uvicorn.Config(app, http=guard.protocol_class(), log_level=args.log_level,
+                                           limit_concurrency=None, timeout_graceful_shutdown=args.shutdown_timeout,
+                                           server_header=False))
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     auth = "API key required" if api_key else "no API key"
@@ -144,7 +182,10 @@ def main(args) -> int:
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     server.run(sockets=[sock])
     if received:
-        print(f"stopped by {signal.Signals(received[0]).name}: every accepted request was answered", flush=True)
+        cut = app.state.service.cut
+        outcome = ("every accepted request was answered" if not cut else
+                   f"{cut} request(s) still in progress after --shutdown_timeout {args.shutdown_timeout:g} s were cut")
+        print(f"stopped by {signal.Signals(received[0]).name}: {outcome}", flush=True)
     return 0
 
 

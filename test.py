@@ -21,8 +21,8 @@ from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.constants import check_tta
 from dataset.sources import resolve_specs, table_source
-from engine.flags import (PARQUET_HINT, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_normalize_flag,
-                          add_speed_flags, check_threads, parse_explain)
+from engine.flags import (PARQUET_HINT, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_decode_flags,
+                          add_normalize_flag, add_speed_flags, apply_decode_flags, check_threads, parse_explain)
 from engine.score.parts import PART_SIZE
 
 
@@ -81,6 +81,7 @@ def get_args_parser():
                         "the K highest and K lowest scored images, or every image with 'all' (0: off)")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"an image of more than N pixels (width x height) is unreadable, not decoded (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
+    add_decode_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -131,6 +132,7 @@ def main(args) -> int:
     is_main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 reports usage errors
     try:
         check_flags(args)
+        apply_decode_flags(args)  # --decode_timeout, --max_decode_mb: for every decode, in every loader worker
     except ValueError as exc:
         if is_main:
             print(f"error: {exc}", file=sys.stderr)

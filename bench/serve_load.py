@@ -5,6 +5,7 @@ batch loop in the same run.
     python -m bench.serve_load                         # tiny_cnn and VGG16, concurrency 1, 8, 32
     python -m bench.serve_load --models vgg16 --device cuda --out serve_load.jsonl
     python -m bench.serve_load --quick                 # smoke run: tiny_cnn, concurrency 1 and 4
+    python -m bench.serve_load --adversarial           # honest clients with and without an attack
 
 For each model (random weights: tiny_cnn in our checkpoint format, VGG16 in the
 reference's released state_dict format), on AVA-like JPEGs (bench/ava_like.py):
@@ -17,6 +18,13 @@ reference's released state_dict format), on AVA-like JPEGs (bench/ava_like.py):
 ratio_to_direct = service images/s / direct images/s. The clients run on the same
 machine and take CPU from the service: on a small machine the figures are a floor.
 Prints one JSON line per figure, then a table; every line names the hardware.
+
+--adversarial: instead, per model and concurrency, the honest clients' latency alone
+(phase baseline), then beside an attack (bench/attacks.py, in a process of its own:
+--attack_idle connections sending nothing, --attack_slow headers and as many bodies at
+one byte a second, --attack_bombs_per_s scan, pixel and memory bombs in turn,
+--attack_uploads_per_s 16 MB non-images), against one serve.py with its default limits;
+p99_ratio = p99 under attack / p99 alone (the goal: at most 3).
 """
 if not __package__:  # run by path (python bench/serve_load.py): run as python -m bench.serve_load
     import _by_path
@@ -25,21 +33,17 @@ if not __package__:  # run by path (python bench/serve_load.py): run as python -
 import asyncio
 import json
 import os
-import re
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import httpx
 import numpy as np
 import torch
 
+from bench.attacks import AttackMix, adversarial_table, measure_adversarial
 from bench.ava_like import make_ava_like_jpegs
 from bench.backbones import hardware
+from bench.serve_clients import ServeProcess, batch_totals, drive
 from dataset.images import load_rgb
 from engine.distributed import pick_device
 from engine.flags import ArgumentParser, HelpFormatter
@@ -48,7 +52,6 @@ from fileio import atomic_write_text
 from model import build_model, default_model_args, save_checkpoint
 
 MODELS = ("tiny_cnn", "vgg16")
-START_TIMEOUT_S = 300
 
 
 def get_args_parser():
@@ -68,17 +71,32 @@ def get_args_parser():
     p.add_argument("--workers", type=int, default=None,
                    help="serve.py --workers, decoding processes (default min(4, cores); 1 with --quick)")
     p.add_argument("--out", default=None, help="also write the JSON lines to this file")
+    g = p.add_argument_group("--adversarial: honest clients with and without an attack")
+    g.add_argument("--adversarial", action="store_true",
+                   help="measure the honest clients alone, then beside an attack (default models: tiny_cnn; "
+                        "concurrency 8; 400 requests a phase; --quick: 4 and 40)")
+    g.add_argument("--attack_idle", type=int, default=None, help="connections that send nothing (default: 300; 20 with --quick)")
+    g.add_argument("--attack_slow", type=int, default=None,
+                   help="headers, and as many bodies, sent at one byte a second (default: 20; 2 with --quick)")
+    g.add_argument("--attack_bombs_per_s", type=float, default=10.0, help="scan, pixel and memory bombs a second, in turn")
+    g.add_argument("--attack_uploads_per_s", type=float, default=1.0, help="16 MB bodies that are not images, a second")
+    g.add_argument("--attack_warmup_s", type=float, default=3.0, help="attack running before the honest clients start")
     return p
 
 
 def resolve(args) -> tuple:
     """(models, concurrencies); raises ValueError on bad values."""
-    models = [m for m in (args.models or ("tiny_cnn" if args.quick else ",".join(MODELS))).split(",") if m]
-    levels = [int(c) for c in (args.concurrency or ("1,4" if args.quick else "1,8,32")).split(",") if c]
+    models = [m for m in (args.models or ("tiny_cnn" if args.quick or args.adversarial else ",".join(MODELS))).split(",") if m]
+    default_levels = ("4" if args.quick else "8") if args.adversarial else ("1,4" if args.quick else "1,8,32")
+    levels = [int(c) for c in (args.concurrency or default_levels).split(",") if c]
     if not models or not levels or min(levels) < 1:
         raise ValueError(f"--models and --concurrency need at least one entry, and each concurrency >= 1; "
                          f"got {args.models!r} and {args.concurrency!r}")
     args.num_images = args.num_images or (8 if args.quick else 64)
+    args.attack_idle = args.attack_idle if args.attack_idle is not None else (20 if args.quick else 300)
+    args.attack_slow = args.attack_slow if args.attack_slow is not None else (2 if args.quick else 20)
+    if min(args.attack_idle, args.attack_slow) < 0 or min(args.attack_bombs_per_s, args.attack_uploads_per_s) < 0:
+        raise ValueError("the --attack_ flags must be >= 0")
     args.workers = args.workers or (1 if args.quick else min(4, os.cpu_count() or 1))
     for flag in ("requests", "direct_images", "num_images", "max_batch", "workers"):
         value = getattr(args, flag)
@@ -90,6 +108,8 @@ def resolve(args) -> tuple:
 def requests_for(args, model: str, concurrency: int) -> int:
     if args.requests:
         return args.requests
+    if args.adversarial:
+        return 40 if args.quick else 400
     if args.quick:
         return 16
     return max(256, 8 * concurrency) if model == "tiny_cnn" else max(16, 2 * concurrency)
@@ -129,76 +149,6 @@ def measure_direct(ckpt, paths, device, batch_size, normalize) -> dict:
     forward = rounds * len(inputs) / (time.perf_counter() - start)
     return {"images": len(paths), "seconds": seconds, "images_per_s": len(paths) / seconds,
             "forward_images_per_s": forward}
-
-
-class ServeProcess:
-    def __init__(self, ckpt, args, log_path, normalize):
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        command = [sys.executable, os.path.join(ROOT, "serve.py"), "--model", ckpt, "--host", "127.0.0.1", "--port", "0",
-                   "--device", str(pick_device(args.device)), "--max_batch", str(args.max_batch), "--max_wait_ms", str(args.max_wait_ms),
-                   "--workers", str(args.workers), "--log_level", "warning"]
-        command += ["--normalize", normalize] if normalize else []
-        env = {k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}
-        self.proc = subprocess.Popen(command, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        self.url = None
-
-    def output(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited with {self.proc.returncode}:\n{self.output()}")
-            found = re.search(r"on (http://127\.0\.0\.1:\d+)", self.output())
-            if found:
-                try:
-                    if httpx.get(found.group(1) + "/health", timeout=5).status_code == 200:
-                        self.url = found.group(1)
-                        return
-                except httpx.TransportError:
-                    pass
-            time.sleep(0.2)
-        raise RuntimeError(f"serve.py was not ready after {START_TIMEOUT_S} s:\n{self.output()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
-async def drive(url, bodies, concurrency: int, n: int) -> dict:
-    """n requests from `concurrency` clients, each sending the next body when its answer
-    comes; returns the wall time and each request's latency."""
-    latencies, statuses = [], []
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        turns = iter(range(n))
-
-        async def one_client():
-            for i in turns:
-                start = time.perf_counter()
-                r = await client.post("/score", content=bodies[i % len(bodies)], headers={"Content-Type": "image/jpeg"})
-                latencies.append(time.perf_counter() - start)
-                statuses.append(r.status_code)
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        wall = time.perf_counter() - start
-    return {"seconds": wall, "latencies": latencies, "errors": sum(s != 200 for s in statuses)}
-
-
-def batch_totals(url) -> tuple:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    values = [float(re.search(rf"^nima_batch_size_{k} (\S+)$", text, re.MULTILINE).group(1)) for k in ("count", "sum")]
-    return tuple(values)
 
 
 def measure_service(server, bodies, concurrency: int, n: int) -> dict:
@@ -246,28 +196,41 @@ def main(args) -> int:
                       "max_wait_ms": args.max_wait_ms, "workers": args.workers,
                       "image_size": default_model_args(model)["image_size"]}
             ckpt = make_checkpoint(model, tmp)
-            n_direct = args.direct_images or (16 if args.quick else 256 if model == "tiny_cnn" else 64)
-            direct = {"mode": "direct", **common, **measure_direct(ckpt, [paths[i % len(paths)] for i in range(n_direct)],
-                                                                   str(device), args.max_batch, normalize_flag(model))}
-            records.append(direct)
-            print(json.dumps(direct), flush=True)
-            server = ServeProcess(ckpt, args, os.path.join(tmp, f"serve_{model}.log"), normalize_flag(model))
+            if not args.adversarial:
+                n_direct = args.direct_images or (16 if args.quick else 256 if model == "tiny_cnn" else 64)
+                direct = {"mode": "direct", **common, **measure_direct(ckpt, [paths[i % len(paths)] for i in range(n_direct)],
+                                                                       str(device), args.max_batch, normalize_flag(model))}
+                records.append(direct)
+                print(json.dumps(direct), flush=True)
+            server = ServeProcess(ckpt, args, os.path.join(tmp, f"serve_{model}.log"), normalize_flag(model), device)
             try:
                 server.wait_ready()
                 for c in levels:
-                    figure = {"mode": "service", **common, **measure_service(server, bodies, c, requests_for(args, model, c))}
-                    figure["ratio_to_direct"] = figure["images_per_s"] / direct["images_per_s"]
-                    records.append(figure)
-                    print(json.dumps(figure), flush=True)
+                    n = requests_for(args, model, c)
+                    if args.adversarial:
+                        figures = [{"mode": "adversarial", **common, **r}
+                                   for r in measure_adversarial(server.url, bodies, c, n, attack_mix(args), args.attack_warmup_s)]
+                    else:
+                        figure = {"mode": "service", **common, **measure_service(server, bodies, c, n)}
+                        figure["ratio_to_direct"] = figure["images_per_s"] / direct["images_per_s"]
+                        figures = [figure]
+                    records += figures
+                    for figure in figures:
+                        print(json.dumps(figure), flush=True)
             finally:
                 server.stop()
             if server.proc.returncode != 0:
                 print(f"error: serve.py exited with {server.proc.returncode}:\n{server.output()}", file=sys.stderr)
                 return 1
-    print(table(records))
+    print(adversarial_table(records) if args.adversarial else table(records))
     if args.out:
         atomic_write_text(args.out, "".join(json.dumps(r) + "\n" for r in records))
     return 0
+
+
+def attack_mix(args) -> AttackMix:
+    return AttackMix(idle=args.attack_idle, slow_headers=args.attack_slow, slow_bodies=args.attack_slow,
+                     bombs_per_s=args.attack_bombs_per_s, uploads_per_s=args.attack_uploads_per_s)
 
 
 if __name__ == "__main__":

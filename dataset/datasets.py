@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
+from .decode_limits import decode_limits
 from .images import ImageReadError, check_max_pixels, check_resizable, read_rgb
 from .labels import NUM_BINS
 
@@ -33,7 +34,9 @@ class ImageDataset(Dataset):
 
     max_pixels: --max_image_pixels (None: Pillow's default limit). draft: decode a large
     JPEG reduced for the transform's resize size (dataset.images.draft; the CLIs'
-    default, off under --exact_decode)."""
+    default, off under --exact_decode). The decode limits (deadline, memory, scans) are
+    this process's when the dataset is made: they travel with it to loader workers,
+    however those are started."""
 
     def __init__(self, paths, transform, dists=None, image_shape=(3, 224, 224), max_pixels=None, draft=False):
         self.paths = list(paths)
@@ -44,6 +47,7 @@ class ImageDataset(Dataset):
         self.max_pixels = check_max_pixels(max_pixels)
         self.resize_to = resize_target(transform)
         self.draft_side = self.resize_to if draft else None
+        self.limits = decode_limits()
 
     def __len__(self):
         return len(self.paths)
@@ -63,7 +67,7 @@ class ImageDataset(Dataset):
         file object (a tar member's bytes). Never raises for a bad image: it comes back
         blank with ok False and the reason."""
         try:
-            rgb, warning = read_rgb(source, self.max_pixels, self.draft_side)
+            rgb, warning = read_rgb(source, self.max_pixels, self.limits, self.draft_side)
             if self.resize_to:  # before the resize allocates it
                 check_resizable(rgb.size, self.resize_to, self.max_pixels)
             return self.transform(rgb), True, "", warning

@@ -7,6 +7,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from .decode_limits import DecodeTimeout, deadline, decode_cost_problem, decode_limits
+
 # Pillow's own limit as shipped (it warns above it and refuses twice it): the default
 # of --max_image_pixels. Read at import, before anything could have changed the global.
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
@@ -97,13 +99,24 @@ def _remaining_bytes(source):
         return None
 
 
-def _open_and(source, read, max_pixels=None):
+def _open_and(source, read, max_pixels=None, limits=None, full=False):
     """Open `source` (a path or a binary file object) and return (read(img), warning):
     every way a file can be unusable becomes an ImageReadError with a short reason
     (zero-byte, truncated, Type: message, ...), whatever the decoder raised. Python
     warnings raised meanwhile are caught, not printed: `warning` is their text ('' when
-    none); the image is still used."""
+    none); the image is still used. `limits` (dataset.decode_limits; None: this
+    process's) bound the time of it all, and for a `full` decode its work and memory,
+    judged from the header before decoding."""
     limit = check_max_pixels(max_pixels)
+    limits = limits or decode_limits()
+    try:
+        with deadline(limits.timeout_s):
+            return _open_and_read(source, read, limit, limits, full)
+    except DecodeTimeout:
+        raise ImageReadError(f"decode took longer than --decode_timeout {limits.timeout_s:g} s") from None
+
+
+def _open_and_read(source, read, limit, limits, full):
     # Pillow refuses images above twice its global limit while opening, before the check
     # below can see them: lift its limit to ours (never lowered, so that concurrent loads
     # with different limits cannot refuse each other's images); ours is applied here.
@@ -121,6 +134,9 @@ def _open_and(source, read, max_pixels=None):
                 if width * height > limit:
                     raise ImageReadError(f"too large: {width}x{height} = {width * height} pixels, above "
                                          f"--max_image_pixels {limit}")
+                problem = decode_cost_problem(img, limits) if full else ""
+                if problem:
+                    raise ImageReadError(problem)
                 result = read(img)
         except ImageReadError:
             raise
@@ -193,23 +209,24 @@ def _verified_size(img) -> tuple:
     return size
 
 
-def read_rgb(source, max_pixels=None, draft_side=None) -> tuple:
+def read_rgb(source, max_pixels=None, limits=None, draft_side=None) -> tuple:
     """(RGB image, warning text) of `source`: load_rgb, plus the text of the decoder
     warnings it raised ('' when none)."""
-    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels)
+    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels, limits, full=True)
 
 
-def load_rgb(source, max_pixels=None, draft_side=None) -> Image.Image:
+def load_rgb(source, max_pixels=None, limits=None, draft_side=None) -> Image.Image:
     """Decode `source` (a path, or a binary file object such as an upload's BytesIO)
     fully, apply its EXIF orientation, return an RGB image.
 
     max_pixels: width x height above which an image is refused (--max_image_pixels);
-    None is Pillow's default limit. draft_side: for scoring, the model's resize size: a
-    large JPEG is decoded reduced, its shorter side kept >= max(2 x draft_side, 512) (see
-    draft); None decodes at full size. Decoder warnings are swallowed (read_rgb
-    returns them). Raises ImageReadError with a short reason for anything that cannot be
-    used."""
-    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels)[0]
+    None is Pillow's default limit. limits: the decode's deadline, memory and scan
+    bounds (dataset.decode_limits.DecodeLimits; None: this process's). draft_side: for
+    scoring, the model's resize size: a large JPEG is decoded reduced, its shorter side
+    kept >= max(2 x draft_side, 512) (see draft); None decodes at full size. Decoder
+    warnings are swallowed (read_rgb returns them). Raises ImageReadError with a short
+    reason for anything that cannot be used."""
+    return _open_and(source, lambda img: upright_rgb(img, draft_side), max_pixels, limits, full=True)[0]
 
 
 def header_size(source, max_pixels=None) -> tuple:

@@ -149,3 +149,22 @@ def add_decode_flag(parser) -> None:
 def check_threads(threads) -> None:
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1 (leave it out for one per core), got {threads}")
+
+
+def add_decode_flags(parser) -> None:
+    """--decode_timeout and --max_decode_mb of every command that decodes images
+    (main.py, test.py, serve.py, tools.check_images): dataset.decode_limits."""
+    from dataset.decode_limits import DEFAULT_DECODE_TIMEOUT_S, DEFAULT_MAX_DECODE_MB
+    parser.add_argument("--decode_timeout", type=float, default=DEFAULT_DECODE_TIMEOUT_S, metavar="SECONDS",
+                        help="an image whose decode takes longer is unreadable, with that reason (default: %(default)g; 0: no deadline)")
+    parser.add_argument("--max_decode_mb", type=float, default=DEFAULT_MAX_DECODE_MB, metavar="MiB",
+                        help="an image whose decode would need more memory (estimated from its header: pixels x bytes a "
+                             "pixel for its mode) is unreadable, not decoded (default: %(default)g, which fits an RGB image "
+                             "at Pillow's pixel limit)")
+
+
+def apply_decode_flags(args):
+    """Make --decode_timeout and --max_decode_mb this process's decode limits (and its
+    workers'); raises ValueError naming the flag. Returns the DecodeLimits."""
+    from dataset.decode_limits import set_decode_limits
+    return set_decode_limits(args.decode_timeout, args.max_decode_mb)

@@ -1,15 +1,18 @@
-"""The HTTP scoring service: FastAPI routes over a Scorer, a decoding thread pool and
-the dynamic batcher.
+"""The HTTP scoring service: FastAPI routes over a Scorer, a pool of decoding
+processes and the dynamic batcher.
 
     POST /score    images (multipart fields `file`, or one raw image body) -> scores
     POST /explain  the same uploads -> heat maps (serving/explain.py)
     POST /enhance  the same uploads -> enhanced photos and a parameter sweep
-    GET  /health   liveness, never touches the model
+    GET  /health   liveness, never touches the model (HEAD too, for load balancers)
     GET  /model    the checkpoint, its model card (with `toy` and `warning`), model_args, device,
                    preprocessing and limits
     GET  /metrics  Prometheus text format
     GET  /docs     OpenAPI docs (FastAPI's Swagger UI, its assets served from here)
     GET  /         the web page (serving/pages.py, serving/static/)
+
+Connections (timeouts, their limit) are guarded below the app, in serving.connections;
+the bytes of uploads in flight by serving.limits.
 """
 import asyncio
 import hmac
@@ -26,13 +29,17 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from dataset.decode_limits import DecodeLimits
 from dataset.images import DEFAULT_MAX_PIXELS
 
 from serving.batcher import BatcherStopped, DynamicBatcher
 from serving.decoding import SHOWN_FORMATS, DecoderPool
 from serving.errors import ServiceError
 from serving.explain import enhance_one, enhance_options, explain_one, explain_options
+from serving.limits import MIB, Reservation, UploadBudget
+from serving.memory import Trimmer
 from serving.metrics import ServiceMetrics
+from serving.middleware import NoSniff
 from serving.openapi import (ENHANCE_PARAMETERS, ERROR_ANSWERS, EXPLAIN_PARAMETERS, KEY_SCHEMES, SCORE_BODY, EnhanceAnswer,
                              ExplainAnswer, ScoreAnswer)
 from serving.pages import STATIC_PREFIX, add_pages
@@ -53,6 +60,9 @@ class ServeConfig:
     max_files: int = 64
     workers: int = 2
     api_key: Optional[str] = None
+    decode: DecodeLimits = DecodeLimits()   # --decode_timeout, --max_decode_mb
+    max_inflight_mb: float = 128.0          # upload bytes being received or decoded, all requests together
+    queue_timeout: float = 10.0             # longest wait for that budget before a 503
 
     @property
     def max_body_bytes(self) -> int:
@@ -89,7 +99,13 @@ class ScoringService:
         self.batcher = DynamicBatcher(scorer.score_tensors, config.max_batch, config.max_wait_ms / 1000.0,
                                       on_batch=self.metrics.observe_batch)
         self.decoder = DecoderPool(scorer.transform, scorer.model_args["resize_size"], config.max_image_pixels,
-                                   config.workers, draft_side=scorer.draft_side)
+                                   config.workers, config.decode, on_replace=self.metrics.decoders_replaced.inc,
+                                   draft_side=scorer.draft_side)
+        self.uploads = UploadBudget(int(config.max_inflight_mb * MIB), config.queue_timeout)
+        self.metrics.decode_queue.set_function(lambda: self.decoder.queued)
+        self.metrics.upload_bytes.set_function(lambda: self.uploads.used)
+        self.trimmer = Trimmer()  # the memory of a burst of uploads goes back to the system once it is over
+        self.cut = 0              # requests cut by the graceful shutdown's timeout
         self._key = config.api_key.encode("utf-8") if config.api_key else None
         args = scorer.model_args
         self.summary = {"checkpoint": config.checkpoint, "base_model": args["base_model"]}
@@ -100,7 +116,7 @@ class ScoringService:
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        self.decoder.stop()
+        await self.decoder.stop()
 
     def check_key(self, request: Request) -> None:
         """401 unless the request carries the API key (when one is set), compared in
@@ -135,18 +151,22 @@ class ScoringService:
                                   "normalize": args["normalize"], "tta": self.scorer.tta},
                 "batching": {"max_batch": c.max_batch, "max_wait_ms": c.max_wait_ms, "decode_processes": c.workers},
                 "limits": {"max_body_mb": c.max_body_mb, "max_image_pixels": c.max_image_pixels,
-                           "max_files": c.max_files, "formats": list(SHOWN_FORMATS)},
+                           "max_files": c.max_files, "formats": list(SHOWN_FORMATS),
+                           "decode_timeout": c.decode.timeout_s, "max_decode_mb": c.decode.max_decode_mb,
+                           "max_inflight_mb": c.max_inflight_mb},
                 "api_key_required": self._key is not None}
 
     async def _score_one(self, upload) -> tuple:
-        """(result entry, error kind or '') for one upload."""
+        """(result entry, error kind or '') for one upload. Its request's images take
+        turns with other requests' at the decoders and in the batches (upload.owner)."""
         if upload.error_kind:
             return {"filename": upload.filename, "error": upload.error}, upload.error_kind
-        tensor, kind, reason = await self.decoder.decode(upload.data)
+        tensor, kind, reason = await self.decoder.decode(upload.data, upload.owner)
+        upload.data = None  # decoded: the bytes can go
         if tensor is None:
             return {"filename": upload.filename, "error": reason}, kind
         try:
-            s = await self.batcher.submit(tensor)
+            s = await self.batcher.submit(tensor, upload.owner)
         except BatcherStopped as exc:
             raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
         return {"filename": upload.filename, "mean": s.mean, "std": s.std, "distribution": s.distribution,
@@ -157,7 +177,9 @@ class ScoringService:
         after the same checks as /score's decoding."""
         if upload.error_kind:
             return None, upload.error_kind, upload.error
-        return await self.decoder.decode_rgb(upload.data, max_side)
+        photo = await self.decoder.decode_rgb(upload.data, max_side, upload.owner)
+        upload.data = None  # decoded: the bytes can go
+        return photo
 
     async def on_model(self, work, *args):
         """work(*args) on the model thread, in turn with the batches (DynamicBatcher.run_alone)."""
@@ -173,8 +195,17 @@ class ScoringService:
         """The path every image route takes: the API key, the query's options (options(query)
         -> dict, or ServiceError 400), the uploads within the limits, then one(upload[,
         options]) -> (entry, error kind or '') for each, concurrently, answered in request
-        order; 422 when no image could be done."""
-        body = BodyReader(request, self.config.max_body_bytes, f"--max_body_mb {self.config.max_body_mb:g}")
+        order; 422 when no image could be done. The request's upload bytes count against
+        --max_inflight_mb until its images are decoded."""
+        reservation = Reservation(self.uploads, f"--max_inflight_mb {self.config.max_inflight_mb:g}")
+        try:
+            return await self._handle(request, one, options, reservation)
+        finally:
+            reservation.release()
+
+    async def _handle(self, request: Request, one, options, reservation: Reservation) -> dict:
+        body = BodyReader(request, self.config.max_body_bytes, f"--max_body_mb {self.config.max_body_mb:g}",
+                          reservation)
         try:
             self.check_key(request)
             if options is not None:
@@ -183,6 +214,9 @@ class ScoringService:
         except ServiceError:
             await body.discard_rest()
             raise
+        owner = object()  # the request, whose images take their turns together
+        for upload in uploads:
+            upload.owner = owner
         pairs = await asyncio.gather(*(one(u) for u in uploads))
         results = [entry for entry, _ in pairs]
         kinds = [kind for _, kind in pairs if kind]
@@ -197,6 +231,19 @@ class ScoringService:
             raise ServiceError(422, kinds[0] if len(set(kinds)) == 1 else "unreadable_image", detail,
                                extra={"results": results}, count=False)
         return {"model": self.summary, "results": results}
+
+    @asynccontextmanager
+    async def in_progress(self):
+        """Around an image route: the memory trim once the service is idle, and the count
+        of requests cut by the graceful shutdown's timeout."""
+        self.trimmer.started()
+        try:
+            yield
+        except asyncio.CancelledError:
+            self.cut += 1  # still in progress when --shutdown_timeout ran out
+            raise
+        finally:
+            self.trimmer.finished(asyncio.get_running_loop())
 
 
 def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
@@ -213,12 +260,16 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
 
     # FastAPIOffline: FastAPI whose /docs and /redoc load their scripts from this service
     # (fastapi-offline ships them), not from a CDN, so the docs work without internet.
+    # No /redoc (one documentation page is enough); no redirect from /model/ to /model,
+    # whose Location would be built from the request's Host header.
     app = FastAPIOffline(title="NIMA scoring service", lifespan=lifespan, static_url="/docs-assets",
-                         favicon_url="/favicon.ico",
+                         favicon_url="/favicon.ico", redoc_url=None,
                          description="Aesthetic score distributions (ratings 1..10) of photos, from a NIMA checkpoint. "
                                      "The web page is at /.")
+    app.router.redirect_slashes = False
     app.state.service = service
     app.add_middleware(_CountRequests, metrics=service.metrics)
+    app.add_middleware(NoSniff)
 
     @app.exception_handler(ServiceError)
     async def service_error(_request, exc: ServiceError):
@@ -239,9 +290,10 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
         log.exception("%s %s failed", request.method, request.url.path)
         service.metrics.errors.labels("internal_error").inc()
         return JSONResponse({"error": "internal_error", "detail": f"{type(exc).__name__}: {exc} (see the server log)"},
-                            status_code=500)
+                            status_code=500, headers={"X-Content-Type-Options": "nosniff"})
 
-    @app.get("/health", summary="Liveness: answers without touching the model or needing the API key")
+    @app.api_route("/health", methods=["GET", "HEAD"],
+                   summary="Liveness: answers without touching the model or needing the API key")
     async def health():
         return {"status": "ok"}
 
@@ -263,7 +315,8 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
         service.metrics.in_progress.inc()
         started = time.perf_counter()
         try:
-            return await service.score(request)
+            async with service.in_progress():
+                return await service.score(request)
         except ClientDisconnect:
             return Response(status_code=499)  # nginx's "client closed request": nobody reads it
         finally:
@@ -275,7 +328,8 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
               responses={200: {"model": ExplainAnswer, "description": "results in request order"}, **ERROR_ANSWERS})
     async def explain(request: Request):
         try:
-            return await service.handle(request, partial(explain_one, service), explain_options)
+            async with service.in_progress():
+                return await service.handle(request, partial(explain_one, service), explain_options)
         except ClientDisconnect:
             return Response(status_code=499)
 
@@ -284,7 +338,8 @@ def create_app(scorer, config: ServeConfig, device: str) -> FastAPI:
               responses={200: {"model": EnhanceAnswer, "description": "results in request order"}, **ERROR_ANSWERS})
     async def enhance(request: Request):
         try:
-            return await service.handle(request, partial(enhance_one, service), enhance_options)
+            async with service.in_progress():
+                return await service.handle(request, partial(enhance_one, service), enhance_options)
         except ClientDisconnect:
             return Response(status_code=499)
 

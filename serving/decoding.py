@@ -4,22 +4,24 @@ decodes and transforms files (dataset.images.load_rgb, then the Scorer's transfo
 
 Processes, not threads: load_rgb catches each image's decoder warnings with
 warnings.catch_warnings, which changes interpreter-wide state and is not thread-safe;
-and a decoder that crashes on a hostile file takes down one worker, not the service
-(the pool is rebuilt and the image reported as unreadable).
+a decoder that crashes on a hostile file takes down one worker, not the service (the
+worker is replaced and the image reported as unreadable); and a decode that overruns
+--decode_timeout is stopped by its own deadline, or by killing its process
+(serving.workers). Requests take turns at the decoders, one image each.
 """
-import asyncio
 import io
 import logging
-import multiprocessing
-import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import torch
 from PIL import Image
 
+from dataset.decode_limits import DecodeLimits, set_decode_limits
 from dataset.images import ImageReadError, check_resizable, load_rgb
+
+from serving.memory import return_freed_memory
+from serving.errors import ServiceError
+from serving.workers import FairProcessPool, JobTimeout, PoolStopped, WorkerDied
 
 log = logging.getLogger("nima.serve")
 # The formats a request may send. Pillow opens many more, some through external
@@ -33,18 +35,22 @@ SHOWN_FORMATS = tuple(f for f in ACCEPTED_FORMATS if f != "MPO")
 _worker = {}
 
 
-def _init_worker(transform, resize_size: int, max_pixels: int, draft_side=None) -> None:
-    # The parent decides when the pool ends: Ctrl-C reaches the whole process group, and
-    # some supervisors send SIGTERM to every process; the requests still being answered
-    # during the graceful shutdown need their decoders.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+def _init_worker(transform, resize_size: int, max_pixels: int, limits: DecodeLimits, draft_side=None) -> None:
     torch.set_num_threads(1)  # one image per worker at a time; the workers are the parallelism
+    return_freed_memory()  # a large image's buffers go back to the system once it is decoded
+    set_decode_limits(limits.timeout_s, limits.max_decode_mb)
     _worker.update(transform=transform, resize_size=resize_size, max_pixels=max_pixels, draft_side=draft_side)
 
 
-def _ready() -> bool:
-    return bool(_worker)
+def error_kind(reason: str) -> str:
+    """The JSON error kind of an unreadable image's reason (dataset.images' texts)."""
+    if "--max_image_pixels" in reason or "--max_decode_mb" in reason:
+        return "image_too_large"
+    if "--decode_timeout" in reason:
+        return "decode_timeout"
+    if "too many scans" in reason:
+        return "image_too_complex"
+    return "unreadable_image"
 
 
 def _read_checked(data: bytes, draft_side=None) -> tuple:
@@ -65,8 +71,7 @@ def _read_checked(data: bytes, draft_side=None) -> tuple:
         rgb = load_rgb(io.BytesIO(data), max_pixels=limit, draft_side=draft_side)
         check_resizable(rgb.size, _worker["resize_size"], limit)  # before the resize allocates it
     except ImageReadError as exc:
-        text = str(exc)
-        return None, ("image_too_large" if "max_image_pixels" in text else "unreadable_image"), text
+        return None, error_kind(str(exc)), str(exc)
     return rgb, "", ""
 
 
@@ -97,53 +102,50 @@ def decode_rgb_in_worker(data: bytes, max_side: int) -> tuple:
 
 
 class DecoderPool:
-    """`workers` decoding processes, rebuilt when one dies. draft_side: the Scorer's (a
-    large JPEG decoded reduced, as test.py does; None: full size)."""
+    """`workers` decoding processes (serving.workers.FairProcessPool). draft_side: the
+    Scorer's (a large JPEG decoded reduced, as test.py does; None: full size)."""
 
-    def __init__(self, transform, resize_size: int, max_pixels: int, workers: int, draft_side=None):
-        self._init_args = (transform, resize_size, max_pixels, draft_side)
+    def __init__(self, transform, resize_size: int, max_pixels: int, workers: int, limits: DecodeLimits,
+                 on_replace=None, draft_side=None):
+        self.limits = limits
         self.workers = workers
-        self._pool = None
+        self._pool = FairProcessPool(workers, limits.timeout_s, initializer=_init_worker,
+                                     initargs=(transform, resize_size, max_pixels, limits, draft_side), preload=[__name__],
+                                     on_replace=on_replace)
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: forking a process whose torch has started threads can deadlock the child.
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=self._init_args)
+    @property
+    def queued(self) -> int:
+        return self._pool.queued
+
+    def pids(self) -> list:
+        return self._pool.pids()
 
     async def start(self) -> None:
-        """Start every worker now (each imports torch: seconds), not on the first requests."""
-        self._pool = self._new_pool()
-        loop = asyncio.get_running_loop()
-        await asyncio.gather(*(loop.run_in_executor(self._pool, _ready) for _ in range(self.workers)))
+        """Start every worker now (not on the first requests)."""
+        await self._pool.start()
 
-    def stop(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+    async def stop(self) -> None:
+        await self._pool.stop()
 
-    async def decode(self, data: bytes) -> tuple:
-        """(input tensor, '', '') or (None, kind, reason), as decode_in_worker."""
-        array, kind, reason = await self._run(decode_in_worker, data)
+    async def decode(self, data: bytes, owner=None) -> tuple:
+        """(input tensor, '', '') or (None, kind, reason), as decode_in_worker. `owner`
+        (the request): its images wait their turn behind one image of each other request."""
+        array, kind, reason = await self._run(owner, decode_in_worker, data)
         return (torch.from_numpy(array) if array is not None else None), kind, reason
 
-    async def decode_rgb(self, data: bytes, max_side: int) -> tuple:
+    async def decode_rgb(self, data: bytes, max_side: int, owner=None) -> tuple:
         """(RGB PIL image at most max_side long, '', '') or (None, kind, reason), as
         decode_rgb_in_worker."""
-        array, kind, reason = await self._run(decode_rgb_in_worker, data, max_side)
+        array, kind, reason = await self._run(owner, decode_rgb_in_worker, data, max_side)
         return (Image.fromarray(array, "RGB") if array is not None else None), kind, reason
 
-    async def _run(self, work, *args) -> tuple:
-        loop = asyncio.get_running_loop()
-        for attempt in (1, 2):
-            pool = self._pool
-            try:
-                return await loop.run_in_executor(pool, work, *args)
-            except BrokenProcessPool:
-                # A worker died (a decoder crash, or killed for memory): every image then in the
-                # pool fails with it. Rebuild once and try each again; an image that kills the
-                # new pool as well is the culprit.
-                if self._pool is pool:
-                    log.error("a decoding process died; starting a new pool of %d", self.workers)
-                    self._pool = self._new_pool()
-                    pool.shutdown(wait=False)
-        return None, "unreadable_image", "the decoder process crashed on this image"
+    async def _run(self, owner, work, data: bytes, *args) -> tuple:
+        try:
+            return await self._pool.run(owner, work, data, *args)
+        except PoolStopped as exc:
+            raise ServiceError(503, "shutting_down", f"{exc}; retry on another replica") from None
+        except JobTimeout:
+            return None, "decode_timeout", (f"decode took longer than --decode_timeout {self.limits.timeout_s:g} s "
+                                            "(its decoding process was replaced)")
+        except WorkerDied:
+            return None, "unreadable_image", "the decoder process crashed on this image"

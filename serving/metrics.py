@@ -34,6 +34,15 @@ class ServiceMetrics:
         self.latency = Histogram("nima_request_seconds", "Seconds from the start of a /score request to its answer",
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.in_progress = Gauge("nima_score_requests_in_progress", "/score requests being answered", registry=r)
+        self.open_connections = Gauge("nima_open_connections", "HTTP connections open", registry=r)
+        self.connections_closed = Counter("nima_connections_closed", "Connections closed or refused by the service's "
+                                          "guards, by why (header_timeout, body_timeout, drain_timeout, evicted_idle, "
+                                          "refused, refused_unanswered, malformed)", ["why"], registry=r)
+        self.decode_queue = Gauge("nima_decode_queue", "Images waiting for a decoding process", registry=r)
+        self.decoders_replaced = Counter("nima_decoders_replaced", "Decoding processes replaced (overran "
+                                         "--decode_timeout, or died)", registry=r)
+        self.upload_bytes = Gauge("nima_upload_bytes_in_flight", "Upload bytes being received or decoded "
+                                  "(--max_inflight_mb)", registry=r)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -103,8 +103,10 @@ ERROR_ANSWERS = {code: {"model": ErrorAnswer, "description": text} for code, tex
     (400, "empty body, malformed multipart, no field named file; a bad query parameter (/explain, /enhance)"),
     (401, "missing or wrong API key"),
     (413, "body over --max_body_mb, or more than --max_files parts"), (415, "not multipart and not an image type"),
+    (408, "the request's header or body came too slowly (the connection is closed)"),
     (422, "the only image (or every image) could not be scored; the answer also lists them under results"),
-    (503, "the service is shutting down"))}
+    (503, "busy: every connection has a request in progress, or the upload bytes in flight are at their limit "
+          "(both with Retry-After); or the service is shutting down"))}
 
 
 EXPLAIN_PARAMETERS = [

@@ -31,13 +31,18 @@ class Upload:
     data: bytes = None
     error_kind: str = ""     # set when the part cannot be an image at all (a text field)
     error: str = ""
+    owner: object = None     # the request, whose images take their turns together (ScoringService.handle)
 
 
 class BodyReader:
-    """The request body as chunks, at most `limit` bytes; then ServiceError 413."""
+    """The request body as chunks, at most `limit` bytes; then ServiceError 413. With a
+    `reservation` (serving.limits), the bytes are counted against the service's budget
+    of uploads in flight before they are read: the Content-Length at once, a body
+    without one as it arrives (ServiceError 503 when the budget stays full)."""
 
-    def __init__(self, request, limit: int, flag: str):
+    def __init__(self, request, limit: int, flag: str, reservation=None):
         self.request, self.limit, self.flag = request, limit, flag
+        self.reservation = reservation
         self.started = self.finished = False
         self.total = 0
 
@@ -64,10 +69,16 @@ class BodyReader:
                 yield message["body"]
 
     async def chunks(self):
+        if self.reservation is not None:
+            declared = self.request.headers.get("content-length")
+            if declared is not None and declared.isdigit():
+                await self.reservation.take(min(int(declared), self.limit))
         async for chunk in self._received():
             self.total += len(chunk)
             if self.total > self.limit:
                 raise self.too_large(f"over {self.limit} bytes")
+            if self.reservation is not None and self.total > self.reservation.held:
+                await self.reservation.take(self.total - self.reservation.held)
             yield chunk
 
     async def read(self) -> bytes:

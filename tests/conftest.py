@@ -8,6 +8,7 @@ import io
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +27,7 @@ import main as main_cli  # noqa: E402
 import test as test_cli  # noqa: E402
 from model import build_model, default_model_args, save_checkpoint  # noqa: E402
 from model.registry import get_backbone  # noqa: E402
+from bench.attacks import jpeg_scan_bomb  # noqa: E402,F401  (hostile files live in bench/attacks.py)
 from tools import make_demo_data  # noqa: E402
 
 
@@ -206,7 +208,11 @@ def small_args(name, **extra):
 def children(pid):
     """Direct child PIDs of `pid`, from /proc (psutil is not a dependency)."""
     out = []
-    for task in os.listdir(f"/proc/{pid}/task"):
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # the process is gone
+        return out
+    for task in tasks:
         try:
             with open(f"/proc/{pid}/task/{task}/children") as f:
                 out += [int(c) for c in f.read().split()]
@@ -241,15 +247,19 @@ class Server:
     """serve.py in a subprocess on a free loopback port (--port 0: the port it printed);
     $NIMA_API_KEY only from `env`. wait_ready() returns it once /health answers."""
 
-    def __init__(self, ckpt, log_path, *extra, env=None):
+    def __init__(self, ckpt, log_path, *extra, env=None, workers=1):
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "serve.py", "--model", str(ckpt), "--host", "127.0.0.1",
-                                      "--port", "0", "--device", "cpu", "--workers", "1", "--log_level", "warning",
+                                      "--port", "0", "--device", "cpu", "--workers", str(workers), "--log_level", "warning",
                                       *map(str, extra)],
                                      cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
                                      env={**{k: v for k, v in os.environ.items() if k != "NIMA_API_KEY"}, **(env or {})})
         self.url = None
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def output(self) -> str:
         with open(self.log_path) as f:
@@ -275,9 +285,63 @@ class Server:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            # The fork server and its children (the decoders) are not the service's
+            # children: killed with it, not left behind.
+            below = [p for p in process_tree(self.proc.pid) if p != self.proc.pid]
             self.proc.kill()
             self.proc.wait(timeout=30)
+            for pid in below:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.log.close()
+
+
+def _cmdline(pid) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return b""
+
+
+def fork_server(pid):
+    """The multiprocessing fork server started by serve.py `pid` (None if none)."""
+    found = [c for c in children(pid) if b"forkserver" in _cmdline(c)] if os.path.exists(f"/proc/{pid}") else []
+    return found[0] if found else None
+
+
+def decoder_processes(pid) -> list:
+    """The pids of serve.py's decoding processes: the children of its fork server."""
+    server = fork_server(pid)
+    return sorted(children(server)) if server is not None and os.path.exists(f"/proc/{server}") else []
+
+
+def process_tree(pid) -> list:
+    """`pid` and every process below it, from /proc."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        if os.path.exists(f"/proc/{p}"):
+            found.append(p)
+            todo += children(p)
+    return found
+
+
+def tree_memory(pid) -> tuple:
+    """(RSS, PSS) in bytes, summed over the process tree of `pid`. RSS counts the pages
+    forked processes share once per process; PSS divides them among their sharers."""
+    rss = pss = 0
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                text = f.read()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        rss += int(re.search(r"^Rss:\s+(\d+) kB", text, re.M).group(1)) * 1024
+        pss += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1)) * 1024
+    return rss, pss
 
 
 # ---- collections: folders and tar shards ----------------------------------------------
@@ -343,3 +407,63 @@ def served_tiny(tiny_ckpt, tmp_path_factory):
         yield server.wait_ready()
     finally:
         server.stop()
+
+
+# ---- talking to serve.py: a small JPEG, /score, /metrics, raw HTTP over a socket ----------
+
+def small_jpeg(seed=0) -> bytes:
+    return jpeg(np.random.default_rng(seed))
+
+
+def score(server, data: bytes, timeout=60, **kwargs):
+    """POST `data` to the server's /score as one JPEG body; the httpx answer."""
+    import httpx
+    return httpx.post(server.url + "/score", content=data, headers={"Content-Type": "image/jpeg"},
+                      timeout=timeout, **kwargs)
+
+
+def server_metric(server, name: str) -> float:
+    """The value of metric `name` (with its labels, if any) in the server's /metrics; 0 if absent."""
+    import httpx
+    for line in httpx.get(server.url + "/metrics", timeout=30).text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def connect(server, timeout=30) -> socket.socket:
+    """A raw connection to the server, for what no polite client does (idle, slow, malformed)."""
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.settimeout(timeout)
+    return sock
+
+
+def read_answer(sock) -> tuple:
+    """(status, headers dict, body bytes) of the answer on `sock`, read to its end."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed before an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:])}
+    while len(body) < int(headers.get("content-length", 0)):
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed in the middle of an answer"
+        body += chunk
+    return int(lines[0].split()[1]), headers, body
+
+
+def closed_by_server(sock) -> bool:
+    """True when the server has closed `sock` (EOF, or a reset), within its timeout."""
+    try:
+        return sock.recv(65536) == b""
+    except ConnectionResetError:
+        return True
+
+
+def post_head(length: int, path="/score", content_type="image/jpeg") -> bytes:
+    """A POST's request line and header, announcing a body of `length` bytes."""
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {length}\r\n\r\n").encode()

@@ -17,7 +17,7 @@ from conftest import ROOT
 COMMAND_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "tools", "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
                        if not os.path.basename(p).startswith("_"))
 # Helpers of the benchmarks, not commands: run by path they say so (exit 2).
-BENCH_LIBRARIES = {"bench/ava_like.py", "bench/figures.py", "bench/timing.py"}
+BENCH_LIBRARIES = {"bench/attacks.py", "bench/ava_like.py", "bench/figures.py", "bench/serve_clients.py", "bench/timing.py"}
 DOC_FILES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 
 
@@ -150,3 +150,41 @@ def test_documented_command_parses(doc, line, module, argv, capsys):
             assert exc.code == 0
             return
         pytest.fail(f"{doc}: `{line}` does not parse: {capsys.readouterr().err.strip()}")
+
+
+# ---- links between the docs ----------------------------------------------------------------
+
+def anchor_of(heading):
+    """The anchor a Markdown renderer gives a heading: lower case, punctuation dropped,
+    spaces as hyphens."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+def anchors(path):
+    with open(path, encoding="utf-8") as f:
+        text = re.sub(r"^```.*?^```", "", f.read(), flags=re.M | re.S)
+    return {anchor_of(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def relative_links():
+    found = []
+    for doc in DOC_FILES:
+        with open(doc, encoding="utf-8") as f:
+            text = re.sub(r"^```.*?^```", "", f.read(), flags=re.M | re.S)
+        for m in re.finditer(r"\]\(([^)\s]+)\)", text):
+            target = m.group(1)
+            if not re.match(r"^[a-z]+:", target):
+                found.append((relative(doc), target))
+    return found
+
+
+@pytest.mark.parametrize("doc,target", relative_links())
+def test_links_between_the_docs_resolve(doc, target):
+    """Every relative link of README.md and docs/ names a file that exists, and an anchor
+    that a heading of that file makes."""
+    path, _, anchor = target.partition("#")
+    file = os.path.normpath(os.path.join(ROOT, os.path.dirname(doc), path)) if path else os.path.join(ROOT, doc)
+    assert os.path.exists(file), f"{doc}: {target}: no such file"
+    if anchor:
+        assert anchor in anchors(file), f"{doc}: {target}: no heading makes #{anchor} in {relative(file)}"

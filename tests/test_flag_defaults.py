@@ -15,6 +15,9 @@ from engine import loaders
 from engine.train.setup import resolve_model_args
 
 PILLOW_PIXEL_LIMIT = 89_478_485  # Pillow's own MAX_IMAGE_PIXELS as shipped: 1024 * 1024 * 1024 // 4 // 3
+# The decode limits of every command that decodes (docs/serving.md): 10 s, and 1 GiB, what an
+# RGB image at the pixel limit needs at 12 bytes a pixel.
+DECODE = {"decode_timeout": 10.0, "max_decode_mb": 1024.0}
 
 # The values the reference implementation's README documents: its training command
 # (--conv_base_lr 3e-4 --dense_lr 3e-3 --epochs 100 --early_stoppping_patience 10) and its
@@ -35,7 +38,7 @@ MAIN = {
     # checkpoints and logs
     "ckpt_path": "./ckpts", "resume": None, "warm_start": False, "warm_start_epoch": 0, "init_from": None,
     "save_every_steps": 0, "log_dir": None, "snapshot_dir": None, "save_fig": False, "strict_images": False,
-    "max_image_pixels": PILLOW_PIXEL_LIMIT,
+    "max_image_pixels": PILLOW_PIXEL_LIMIT, **DECODE,
     # model: None until resolved (test_model_flags_resolve_to_vgg16s below)
     "base_model": None, "head": None, "pretrained": "imagenet", "image_size": None, "resize_size": None,
     "normalize": None, "dropout": None,
@@ -49,13 +52,18 @@ TEST = {
     "resume": False, "keep_parts": False, "output_format": "csv", "part_size": 5000, "dist_timeout": 1800,
     "label_format": None, "score_range": None, "num_workers": None, "batch_size": None, "tta": 1, "normalize": None,
     "device": "auto", "amp": "auto", "channels_last": "auto", "threads": None, "exact_decode": False,
-    "uint8_transfer": "auto", "gpu_decode": False, "contact_sheet": 0, "explain": "0", "max_image_pixels": PILLOW_PIXEL_LIMIT, "quiet": False,
+    "uint8_transfer": "auto", "gpu_decode": False, "contact_sheet": 0, "explain": "0", "max_image_pixels": PILLOW_PIXEL_LIMIT,
+    **DECODE, "quiet": False,
 }
 
 SERVE = {
     "model": None, "normalize": None, "host": "127.0.0.1", "port": 8000, "device": "auto", "amp": "auto",
-    "channels_last": "auto", "exact_decode": False, "max_batch": 32, "max_wait_ms": 5.0, "max_body_mb": 20.0, "max_image_pixels": PILLOW_PIXEL_LIMIT,
-    "max_files": 64, "workers": "min(4, cores)", "api_key": None, "max_connections": 256, "log_level": "info",
+    "channels_last": "auto", "exact_decode": False, "max_batch": 32, "max_wait_ms": 5.0, "max_body_mb": 20.0,
+    "max_image_pixels": PILLOW_PIXEL_LIMIT, "max_files": 64, "workers": "min(4, cores)", "api_key": None,
+    "max_connections": 256, "log_level": "info", **DECODE,
+    # the defences against slow, idle and greedy clients (docs/serving.md)
+    "max_inflight_mb": 128.0, "queue_timeout": 10.0, "header_timeout": 10.0, "body_timeout": 30.0,
+    "min_body_kbps": 16.0, "shutdown_timeout": 30.0,
 }
 
 

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import serve as serve_cli
-from conftest import ROOT, Server, run_main, run_test, tiny_train_args
+from conftest import ROOT, Server, decoder_processes, run_main, run_test, tiny_train_args
 
 KEY = "s3cret-key"
 EXIF_ORIENTATION = 0x0112
@@ -313,21 +313,6 @@ def test_model_metrics_and_docs(setup):
         assert "multipart/form-data" in schema["paths"]["/score"]["post"]["requestBody"]["content"]
 
 
-def decoder_processes(pid) -> list:
-    """The pids of serve.py's decoding processes (children started by multiprocessing's
-    spawn; its resource tracker is another child)."""
-    children = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            children += [int(c) for c in f.read().split()]
-    found = []
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"spawn_main" in f.read():
-                found.append(child)
-    return found
-
-
 @pytest.mark.subprocess
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task"), reason="finds the decoding processes in /proc")
@@ -388,6 +373,12 @@ def test_usage_errors_exit_2_before_serving(setup, capsys, monkeypatch):
                         (["--max_body_mb", "0"], "--max_body_mb must be > 0"),
                         (["--max_image_pixels", "0"], "--max_image_pixels"),
                         (["--api_key", " "], "--api_key is empty"),
+                        (["--max_inflight_mb", "0"], "--max_inflight_mb must be > 0"),
+                        (["--header_timeout", "0"], "--header_timeout must be > 0"),
+                        (["--shutdown_timeout", "-1"], "--shutdown_timeout must be >= 0"),
+                        (["--queue_timeout", "30"], "--queue_timeout (30) must be below --body_timeout (30)"),
+                        (["--decode_timeout", "-1"], "--decode_timeout must be >= 0"),
+                        (["--max_decode_mb", "0"], "--max_decode_mb must be > 0"),
                         (["--normalize", "none"], "--normalize none contradicts"),
                         (["--port", str(port)], f"cannot listen on --host 127.0.0.1 --port {port}")):
         args = serve_cli.get_args_parser().parse_args(["--model", str(setup["ckpt"]), "--device", "cpu", *argv])

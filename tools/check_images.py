@@ -26,19 +26,22 @@ import time
 
 
 
+from dataset.decode_limits import decode_limits
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size
 from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines
 from engine.flags import ArgumentParser
 from fileio import atomic_path, atomic_write_text
+from engine.flags import add_decode_flags, apply_decode_flags
 from engine.parallel import parallel_map
 
 
-def check_image(path, min_size=0, full_decode=True, max_pixels=None):
+def check_image(path, min_size=0, full_decode=True, max_pixels=None, limits=None):
     """None for a usable image, else the reason it is not. Top-level so a Pool can pickle it.
     Never raises: load_rgb turns every decoder failure into ImageReadError, and anything
-    else that goes wrong with one file is that file's reason, not the end of the check."""
+    else that goes wrong with one file is that file's reason, not the end of the check.
+    limits: the decode limits (deadline, memory, scans; None: this process's)."""
     try:
-        width, height = load_rgb(path, max_pixels).size if full_decode else read_image_size(path, max_pixels)
+        width, height = load_rgb(path, max_pixels, limits).size if full_decode else read_image_size(path, max_pixels)
     except ImageReadError as exc:
         return str(exc)
     except Exception as exc:  # noqa: BLE001 - one file's problem, whatever it is, is reported with it
@@ -49,13 +52,15 @@ def check_image(path, min_size=0, full_decode=True, max_pixels=None):
 
 
 def check_paths(paths, workers=1, min_size=0, full_decode=True, progress=True, desc="check images", max_pixels=None) -> dict:
-    """{path: reason} for every bad image among `paths`, checked by `workers` processes."""
-    check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode, max_pixels=max_pixels)
+    """{path: reason} for every bad image among `paths`, checked by `workers` processes
+    with this process's decode limits."""
+    check = functools.partial(_path_and_reason, min_size=min_size, full_decode=full_decode, max_pixels=max_pixels,
+                              limits=decode_limits())
     return {p: r for p, r in parallel_map(check, paths, workers, desc, progress) if r}
 
 
-def _path_and_reason(path, min_size, full_decode, max_pixels=None):
-    return path, check_image(path, min_size, full_decode, max_pixels)
+def _path_and_reason(path, min_size, full_decode, max_pixels=None, limits=None):
+    return path, check_image(path, min_size, full_decode, max_pixels, limits)
 
 
 def category(reason: str) -> str:
@@ -95,6 +100,7 @@ def get_args_parser():
                         "--resize_size before cropping, so any size can be used)")
     p.add_argument("--max_image_pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
                    help=f"an image of more than N pixels is bad, as in training and test.py (default: Pillow's limit, {DEFAULT_MAX_PIXELS})")
+    add_decode_flags(p)
     p.add_argument("--out", default=None, help="folder for the report (and cleaned CSV); default: the CSV's folder, else the current one")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -104,6 +110,11 @@ def main(args) -> int:
     if args.workers < 1 or args.min_size < 0 or args.max_image_pixels < 1:
         print(f"error: --workers and --max_image_pixels must be >= 1 and --min_size >= 0, got {args.workers}, "
               f"{args.max_image_pixels} and {args.min_size}", file=sys.stderr)
+        return 2
+    try:
+        apply_decode_flags(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     if not os.path.isdir(args.img_path):
         print(f"error: --img_path {args.img_path!r} is not a folder", file=sys.stderr)

@@ -92,7 +92,7 @@ def write_explanations(model, model_args, out_dir, rows, paths_by_id: dict, k, r
     for row in tqdm(rows, desc="explain", disable=not show_progress, dynamic_ncols=True, leave=False):
         target = os.path.join(folder, safe_name(row["image_id"], taken) + ".png")
         try:
-            rgb = load_rgb(paths_by_id[row["image_id"]], max_pixels, model_args["resize_size"] if rt.jpeg_draft else None)
+            rgb = load_rgb(paths_by_id[row["image_id"]], max_pixels, draft_side=model_args["resize_size"] if rt.jpeg_draft else None)
         except ImageReadError as exc:
             print(f"explain: {paths_by_id[row['image_id']]}: {exc}; no picture", file=sys.stderr)
             continue

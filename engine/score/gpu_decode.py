@@ -25,6 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import functional as F
 
 from dataset import ImageDataset
+from dataset.decode_limits import decode_cost_problem
 from dataset.images import ImageReadError, check_resizable
 from dataset.stream import CollectionDataset
 from dataset.transforms import tta_crops, uint8_to_input
@@ -50,6 +51,8 @@ def jpeg_header(data: bytes, max_pixels: int):
             with Image.open(io.BytesIO(data)) as img:
                 if img.format != "JPEG" or img.mode not in ("RGB", "L"):
                     return None  # MPO, CMYK, YCCK, ...: Pillow converts those its own way
+                if decode_cost_problem(img, data=data):
+                    return None  # too many scans, too much memory: the Pillow path refuses it, saying why
                 width, height = img.size
                 orientation = img.getexif().get(EXIF_ORIENTATION, 1)
         except Exception:  # noqa: BLE001 - anything odd goes to the Pillow path, which names the reason

@@ -147,7 +147,7 @@ class Scorer:
         if not isinstance(item, (str, os.PathLike)):
             raise TypeError(f"score() takes PIL images or paths (or a list of them), got {type(item).__name__}")
         try:
-            return load_rgb(item, self.max_image_pixels, self.draft_side)
+            return load_rgb(item, self.max_image_pixels, draft_side=self.draft_side)
         except ImageReadError as exc:
             raise ImageReadError(f"{item}: {exc}") from None
 
