@@ -8,19 +8,16 @@ Exit codes: 0 done; 1 training failed (non-finite loss, unreadable image under
 --strict_images); 2 bad usage or configuration, reported before any heavy work;
 130/143 stopped by SIGINT/SIGTERM after saving last.pth.
 """
-import dataclasses
 import os
-import shutil
 import sys
 
 # Only torch-free modules here: --help and a usage error answer without importing torch
 # (seconds); main() imports the rest once the flags are checked.
 from dataset.images import DEFAULT_MAX_PIXELS
 from dataset.mos import LABEL_FORMATS
-from dataset.constants import check_tta
 from engine.flags import (SPEED_CHOICES, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_decode_flags,
                           apply_decode_flags, str2bool)
-from engine.train.options import MONITORS, OPTIMIZERS, SCHEDULES, UsageError, check_recipe_flags
+from engine.train.options import MONITORS, OPTIMIZERS, SCHEDULES, check_usage
 from model.constants import BACKBONE_NAMES, DEFAULT_BASE_MODEL, DEFAULT_DROPOUT, DEFAULT_HEAD, HEADS, NORMALIZE_CHOICES
 
 
@@ -121,29 +118,6 @@ def get_args_parser():
     return p
 
 
-def check_usage(args) -> None:
-    if not (args.train or args.test):
-        raise UsageError("nothing to do: pass --train, --test or both")
-    for name in ("train_batch_size", "val_batch_size", "test_batch_size", "epochs", "lr_decay_freq"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.num_workers < 0 or args.save_every_steps < 0 or args.early_stopping_patience < 1:
-        raise UsageError("--num_workers and --save_every_steps must be >= 0 and --early_stopping_patience >= 1")
-    if args.dist_timeout < 1:
-        raise UsageError(f"--dist_timeout must be at least 1 second, got {args.dist_timeout}")
-    if args.max_image_pixels < 1:
-        raise UsageError(f"--max_image_pixels must be at least 1 (width x height), got {args.max_image_pixels}")
-    check_tta(args.tta)
-    if args.contact_sheet < 0:
-        raise UsageError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")
-    if not os.path.isdir(args.img_path):
-        raise UsageError(f"--img_path {args.img_path}: no such folder (it must hold the images the CSVs name)")
-    if args.resume and args.warm_start:
-        raise UsageError("--resume and --warm_start exclude each other: --resume continues a run of ours, "
-                         "--warm_start starts a new one from epoch-<warm_start_epoch>.pth")
-    check_recipe_flags(args)
-
-
 def main(args) -> int:
     if args.multi_gpu and "WORLD_SIZE" not in os.environ:
         import torch
@@ -180,39 +154,14 @@ def main(args) -> int:
             code = train(args, rt)
         if args.test and code == 0:
             distributed.barrier(rt.dist)  # every rank must read the best.pth rank 0 has just written
-            code = test_split(args, rt)
+            from engine.train.test_split import score_test_split
+            code = score_test_split(args, rt)
         return code
     except (ValueError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:  # ValueError: UsageError, ResumeError, LabelFileError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:
         distributed.cleanup(dist_info)
-
-
-def train_loaders(args, rt, model_args, train_table, val_table):
-    """(training sampler, training loader, validation loader). The training order is a
-    function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
-    from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, train_transform
-    from engine.loaders import make_loader
-    from engine.score.inference import inference_dataset
-    size = model_args["image_size"]
-    train_set = ImageDataset.from_table(train_table, train_transform(model_args, uint8=rt.uint8_transfer), (3, size, size),
-                                        args.max_image_pixels, draft=rt.jpeg_draft)
-    sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
-    # drop_last only under --compile, where a smaller last batch would trigger a recompile.
-    train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
-    val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels,
-                                uint8=rt.uint8_transfer, draft=rt.jpeg_draft)
-    val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
-                             sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
-    return sampler, train_loader, val_loader
-
-
-def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, warned, val_errors, frozen) -> dict:
-    """One line of metrics.jsonl (README, "Training on AVA")."""
-    return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs, "base_frozen": frozen,
-            "seconds": progress.seconds, "images_per_second": progress.samples * world_size / max(progress.seconds, 1e-9),
-            "skipped_images": len(skipped), "warned_images": len(warned), "val_unreadable_images": len(val_errors)}
 
 
 def train(args, rt) -> int:
@@ -223,11 +172,11 @@ def train(args, rt) -> int:
     from engine.score.inference import evaluate
     from engine.train import epoch as epoch_loop  # epoch_loop.train_one_epoch: looked up per call, as tests wrap it
     from engine.train.card import set_data
-    from engine.train.checkpoints import RunCheckpoints
+    from engine.train.checkpoints import RunCheckpoints, last_good_checkpoint, remove_if_no_checkpoint
     from engine.train.epoch import BadImageError, EpochProgress, NonFiniteLossError, epoch_train_loss
-    from engine.train.log import RunLog
+    from engine.train.log import RunLog, epoch_record
     from engine.train.optim import current_lrs, set_base_frozen
-    from engine.train.setup import build_run, read_labels
+    from engine.train.setup import build_run, read_labels, train_loaders
     from engine.train.signals import StopOnSignals, StopRequested
     from fileio import check_writable
     from model.card import finish
@@ -327,55 +276,6 @@ def train(args, rt) -> int:
     if warning and not args.test:  # --test says so when it starts
         log(f"warning: {warning}")
     return 0
-
-
-def last_good_checkpoint(ckpt_dir) -> str:
-    last = os.path.join(ckpt_dir, "last.pth")
-    if os.path.exists(last):
-        return f"The last good checkpoint, {last}, is intact (checkpoints are only written from finite weights)."
-    return "No checkpoint was written."
-
-
-def remove_if_no_checkpoint(folder) -> None:
-    """A run that this call started in a new folder and that failed before its first
-    checkpoint leaves no folder behind (only TensorBoard's empty start would be there)."""
-    if os.path.isdir(folder) and not any(name.endswith(".pth") for name in os.listdir(folder)):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_split(args, rt) -> int:
-    """--test: score --test_csv_file with best.pth (or epoch-<warm_start_epoch>.pth under
-    --warm_start) and write predictions, metrics and scatter.png into <ckpt_path>/test,
-    through test.py's pipeline (engine/score/collection.py)."""
-    import torch
-
-    from dataset.sources import table_source
-    from engine.runtime import describe_runtime, resolve_speed_flags
-    from engine.score.collection import score_to_files
-    from engine.train.setup import read_labels
-    from model import load_for_inference
-    from model.card import print_card, read_card
-
-    name = f"epoch-{args.warm_start_epoch}.pth" if (args.warm_start and not args.train) else "best.pth"
-    path = os.path.join(args.ckpt_path, name)
-    table = read_labels(args, args.test_csv_file, print, require_labels=False, require_images=False)
-    normalize = args.normalize if name != "best.pth" else None
-    model, model_args = load_for_inference(path, rt.device, normalize=normalize)
-    card = read_card(path, normalize)
-    if rt.dist.is_main:
-        print_card(card)
-    # Scoring, not training: 'auto' picks as test.py's does (bf16 on a CPU that has it, ...).
-    amp, channels_last = resolve_speed_flags(args.amp, args.channels_last, rt.device, model_args["base_model"])
-    rt = dataclasses.replace(rt, amp=amp, channels_last=channels_last).for_model(model_args)
-    if rt.dist.is_main:
-        print(describe_runtime(rt, model_args, args.num_workers), flush=True)
-    if rt.channels_last:  # as test.py: the inputs are channels_last, so the weights are too
-        model = model.to(memory_format=torch.channels_last)
-    result = score_to_files(model, model_args, [table_source(table)], rt, os.path.join(args.ckpt_path, "test"),
-                            model_path=path, table=table, batch_size=args.test_batch_size, workers=args.num_workers,
-                            tta=args.tta, max_pixels=args.max_image_pixels, score_range=args.score_range,
-                            contact_sheet=args.contact_sheet, title=f"test set ({path})", card=card)
-    return 1 if result is not None and result[2] else 0  # rank 0 reports every rank's unreadable images
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import torch
 
 import main as main_cli
 from conftest import run_main, tiny_train_args
-from engine.train.checkpoints import MONITORS, RunState, saved_best_value
+from engine.train.checkpoints import RunState, saved_best_value
+from engine.train.options import MONITORS
 
 # +1: higher is better (correlations with the human ratings, accuracy of the high/low
 # split); -1: lower is better (distances and errors).

@@ -8,6 +8,8 @@ A checkpoint is never written from a state whose loss or weights are non-finite,
 """
 import math
 import os
+import re
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +20,7 @@ from model.checkpoint import read_checkpoint_file, read_model_state
 from engine.train import card as run_card
 from engine.train.optim import describe_schedule, schedule_spec
 from engine.train.epoch import NonFiniteLossError
-from engine.train.options import HIGHER_IS_BETTER, MONITORS  # noqa: F401 - MONITORS: read here by callers too
+from engine.train.options import HIGHER_IS_BETTER
 
 # Flags a resumed run must share with its checkpoint: with another value its numbers
 # would no longer be those of one run (another metric's best, other rates, batches,
@@ -169,6 +171,7 @@ class RunCheckpoints:
     def __init__(self, ckpt_dir, args, model_args, model, optimizer, scheduler):
         self.ckpt_dir, self.args, self.model_args = ckpt_dir, args, dict(model_args)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        remove_partial_writes(ckpt_dir)
 
     def state_dict(self, state: RunState, mid_epoch: bool = False) -> dict:
         return {"model": unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -204,3 +207,33 @@ class RunCheckpoints:
 
     def _path(self, name):
         return os.path.join(self.ckpt_dir, name)
+
+
+# A checkpoint is written to ".<name>.<random>.tmp" beside it and renamed (fileio);
+# a run killed outright (SIGKILL, power loss) mid-write leaves that temporary behind.
+_PARTIAL_WRITE = re.compile(r"^\.(last|best|epoch-\d+)\.pth\.[^.]+\.tmp$")
+
+
+def remove_partial_writes(ckpt_dir, log=print) -> None:
+    """Remove the half-written checkpoints a killed run left in ckpt_dir (the files
+    they would have replaced are intact); said, so nothing vanishes silently."""
+    if not os.path.isdir(ckpt_dir):
+        return
+    for name in sorted(os.listdir(ckpt_dir)):
+        if _PARTIAL_WRITE.match(name):
+            os.remove(os.path.join(ckpt_dir, name))
+            log(f"removed {os.path.join(ckpt_dir, name)}: a half-written checkpoint of a run that was killed")
+
+
+def last_good_checkpoint(ckpt_dir) -> str:
+    last = os.path.join(ckpt_dir, "last.pth")
+    if os.path.exists(last):
+        return f"The last good checkpoint, {last}, is intact (checkpoints are only written from finite weights)."
+    return "No checkpoint was written."
+
+
+def remove_if_no_checkpoint(folder) -> None:
+    """A run that this call started in a new folder and that failed before its first
+    checkpoint leaves no folder behind (only TensorBoard's empty start would be there)."""
+    if os.path.isdir(folder) and not any(name.endswith(".pth") for name in os.listdir(folder)):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -72,3 +72,10 @@ class RunLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def epoch_record(epoch, train_loss, val, lrs, progress, world_size, skipped, warned, val_errors, frozen) -> dict:
+    """One line of metrics.jsonl (docs/training.md lists its keys)."""
+    return {"epoch": epoch, "train_loss": train_loss, **{f"val_{k}": v for k, v in val.items()}, **lrs, "base_frozen": frozen,
+            "seconds": progress.seconds, "images_per_second": progress.samples * world_size / max(progress.seconds, 1e-9),
+            "skipped_images": len(skipped), "warned_images": len(warned), "val_unreadable_images": len(val_errors)}

@@ -8,12 +8,14 @@ import random
 import numpy as np
 import torch
 
-from dataset import read_label_csv
+from dataset import EpochShuffleSampler, ImageDataset, ShardSampler, read_label_csv, train_transform
 from dataset.mos import clipped_note, read_mos_csv
 from model import build_model, default_model_args
 from model.card import read_card
 from model.nima import DEFAULT_BASE_MODEL, check_model_args
 
+from engine.loaders import make_loader
+from engine.score.inference import inference_dataset
 from engine.train.checkpoints import (RunState, check_resume_flags, find_resume_checkpoint, load_warm_start, read_init_from,
                           read_warm_start, restore, run_schedule)
 from engine.train.card import new_card, resumed_card
@@ -109,3 +111,19 @@ def build_run(args, rt):
         parent = read_card(source, args.normalize) if source is not None else None
         state.card = new_card(vars(args), model_args, parent, source, flag)
     return model, optimizer, scheduler, state, model_args
+
+
+def train_loaders(args, rt, model_args, train_table, val_table):
+    """(training sampler, training loader, validation loader). The training order is a
+    function of (seed, epoch), shared across ranks; validation is sharded with no padding."""
+    size = model_args["image_size"]
+    train_set = ImageDataset.from_table(train_table, train_transform(model_args, uint8=rt.uint8_transfer), (3, size, size),
+                                        args.max_image_pixels, draft=rt.jpeg_draft)
+    sampler = EpochShuffleSampler(len(train_set), args.seed, rt.dist.world_size, rt.dist.rank)
+    # drop_last only under --compile, where a smaller last batch would trigger a recompile.
+    train_loader = make_loader(train_set, args.train_batch_size, args.num_workers, rt, sampler=sampler, drop_last=args.compile)
+    val_set = inference_dataset(val_table.paths, model_args, val_table.dists, max_pixels=args.max_image_pixels,
+                                uint8=rt.uint8_transfer, draft=rt.jpeg_draft)
+    val_loader = make_loader(val_set, args.val_batch_size, args.num_workers, rt,
+                             sampler=ShardSampler(len(val_set), rt.dist.world_size, rt.dist.rank))
+    return sampler, train_loader, val_loader
