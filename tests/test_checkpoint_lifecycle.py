@@ -87,6 +87,24 @@ def test_resume_refuses_another_monitor_schedule_or_rates(demo_data, tmp_path, c
     assert [r["epoch"] for r in read_jsonl(ckpt / "metrics.jsonl")] == [1, 2]
 
 
+def test_a_resume_removes_the_half_written_checkpoints_of_a_killed_run(demo_data, tmp_path, capsys):
+    """A run killed outright mid-write leaves ".last.pth.<random>.tmp" (the rename never
+    came); the next run in that folder removes such files, says so, and touches nothing else."""
+    ckpt = tmp_path / "ckpt"
+    assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "1")) == 0
+    partial = [ckpt / ".last.pth.k3j2x9.tmp", ckpt / ".best.pth.a1b2c3.tmp", ckpt / ".epoch-12.pth.zz_9.tmp"]
+    kept = [ckpt / ".notes.txt.q1.tmp", ckpt / "last.pth.tmp", ckpt / ".last.pth.tmp.bak", ckpt / "mine.tmp"]
+    for path in partial + kept:
+        path.write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    assert run_main(tiny_train_args(demo_data, ckpt, "--resume", "auto", "--epochs", "2")) == 0
+    out = capsys.readouterr().out
+    assert [p.name for p in partial if p.exists()] == []
+    assert all(str(p) in out for p in partial)
+    assert [p.name for p in kept if not p.exists()] == []
+    assert torch.load(ckpt / "last.pth", weights_only=True)["epoch"] == 2
+
+
 def test_resume_needs_the_checkpoints_model_arguments(demo_data, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     assert run_main(tiny_train_args(demo_data, ckpt, "--epochs", "1")) == 0
