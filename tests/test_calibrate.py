@@ -14,7 +14,7 @@ from engine.score.scorer import Scorer
 from model import build_model, default_model_args
 from model.card import MIN_PERCENTILE_IMAGES, read_card, summary_line
 from serving import ServeConfig
-from serving.app import ScoringService
+from serving.service import ScoringService
 from tools import calibrate, make_demo_data
 
 
