@@ -151,6 +151,12 @@ def test_resume_skips_what_the_parts_hold_and_refuses_another_run(mixed, tmp_pat
     assert (out / "predictions.csv").read_bytes() == first  # refused before anything was touched
     assert score(other, out, *spec) == 1  # without --resume: starts over
     assert (out / "predictions.csv").read_bytes() != first
+    # Another precision or decoder would mix two sets of numbers in one file: refused, named.
+    assert score(ckpt, out, *spec, "--keep_parts") == 1
+    for flags, named in [(("--amp", "on"), "different precision"), (("--exact_decode",), "different decode")]:
+        assert score(ckpt, out, *spec, "--resume", "--keep_parts", *flags) == 2, flags
+        assert named in capsys.readouterr().err, flags
+    assert score(ckpt, out, *spec, "--resume", "--keep_parts", "--amp", "off") == 1  # float32, as the run was
 
 
 def test_make_shards_from_a_folder_and_a_csv(mixed, tmp_path, capsys):

@@ -111,7 +111,7 @@ def score_collection(model, model_args, sources, rt, out_dir, *, model_path, bat
     if rt.dist.is_main:
         try:
             check_writable(out_dir)
-            note = prepare(folder, run_record(model_path, model_args, sources, tta, max_pixels), resume)
+            note = prepare(folder, run_record(model_path, model_args, sources, tta, max_pixels, rt), resume)
         except (PartsResumeError, OutputWriteError) as exc:
             problem = f"{type(exc).__name__}:{exc}"
     # Every process waits here for rank 0 to have cleared or checked the parts folder.

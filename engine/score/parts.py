@@ -79,13 +79,18 @@ def done_refs(folder):
             yield row[0], row[1]
 
 
-def run_record(model_path, model_args, sources, tta, max_pixels) -> dict:
-    """What the scores of a run depend on; two runs with the same record can share parts."""
+def run_record(model_path, model_args, sources, tta, max_pixels, rt) -> dict:
+    """What the scores of a run depend on; two runs with the same record can share parts.
+    The precision (bf16 or float32) and the decoder (Pillow with or without JPEG draft,
+    or the device's) move scores in the third decimal: a resume under others would mix
+    two sets of numbers in one file."""
     st = os.stat(model_path)
     return {"format_version": FORMAT_VERSION,
             "model": {"path": os.path.abspath(model_path), "size": st.st_size, "mtime_ns": st.st_mtime_ns},
             "model_args": {k: v for k, v in sorted(dict(model_args).items())},
-            "sources": [s.describe() for s in sources], "tta": tta, "max_image_pixels": max_pixels}
+            "sources": [s.describe() for s in sources], "tta": tta, "max_image_pixels": max_pixels,
+            "precision": "bf16" if rt.amp else "float32",
+            "decode": "device" if rt.gpu_decode else ("pillow_draft" if rt.jpeg_draft else "pillow_exact")}
 
 
 def prepare(folder, record: dict, resume: bool) -> str:
