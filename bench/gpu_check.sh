@@ -19,6 +19,8 @@
 #            bf16 (the CUDA default) and float32 (--amp off)
 #   compile  main.py --compile for 3 epochs with compilations counted per epoch,
 #            --resume of it, test.py on the result
+#   serve    serve.py on the device under 1, 8 and 32 clients beside the model called
+#            directly in batches (bench/serve_load.py)
 #   profile  (optional) torch.profiler over training steps fed by the real loader
 # Several steps in one call (STEP,STEP) run until the budget is spent; the ones left
 # are recorded as not run. No STEP: all but profile, which takes several calls' time.
@@ -35,7 +37,7 @@
 set -uo pipefail  # no -e: a check that fails is recorded, and the step goes on
 
 OUT=${1:?usage: bash bench/gpu_check.sh OUT_DIR [STEP[,STEP...]]}
-STEPS=${2:-suite,bench,e2e,infer,train,parity,compile}
+STEPS=${2:-suite,bench,e2e,infer,train,parity,compile,serve}
 BUDGET=${GPU_CHECK_BUDGET:-560}  # seconds for this whole call; $SECONDS counts from the start
 cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -51,12 +53,14 @@ if [ "$SMOKE" = 1 ]; then
   DEVICE=cpu MODEL=tiny_cnn IMAGES=48 TRAIN=24 VAL=12 TEST=16 WORKERS=2 EPOCHS=2 BATCH=8 PARITY=8 INFER_IMAGES=16
   BENCH_ARGS=(--quick) SUITE_FILES=(tests/test_device_preprocess.py) CUDA_FILES=(tests/test_cuda_paths.py)
   TRAIN_EXTRA="--train_batch_size 8 --val_batch_size 8"  # a few steps per epoch from 24 images
+  SERVE_ARGS=(--quick)
 else
   DEVICE=cuda MODEL=vgg16 IMAGES=10000 TRAIN=4000 VAL=1000 TEST=1000 WORKERS=16 EPOCHS=3 BATCH=128 PARITY=128
   INFER_IMAGES=4096
   BENCH_ARGS=(--steps 30 --warmup 5) SUITE_FILES=(tests)
   CUDA_FILES=(tests/test_cuda_paths.py tests/test_device_preprocess.py)
   TRAIN_EXTRA=""  # main.py's defaults: batch 128, bf16 + channels_last on CUDA
+  SERVE_ARGS=(--models vgg16 --concurrency 1,8,32)
 fi
 
 steps() { "$PY" -m bench.gpu_steps "$@"; }
@@ -88,7 +92,7 @@ install_wheels() {
     return
   fi
   local pkg missing=()
-  for pkg in tensorboardX fastapi uvicorn python-multipart; do
+  for pkg in tensorboardX fastapi uvicorn python-multipart prometheus-client fastapi-offline; do
     "$PY" -c "import importlib.metadata as m; m.version('$pkg')" 2>/dev/null && continue
     "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-cache-dir --no-compile "$pkg" || missing+=("$pkg")
   done
@@ -113,10 +117,13 @@ make_data() {  # idempotent: files already there are kept
   head -n "$PARITY" "$DATA/test.csv" > "$DATA/parity.csv"
 }
 
-# main.py's training flags on the generated data; the rest come from the caller.
+# main.py's training flags on the generated data; the rest come from the caller. VGG16
+# is the default backbone: it is left to the default, as users train it.
 train_args() {  # CKPT_DIR
+  local backbone=""
+  [ "$MODEL" != vgg16 ] && backbone="--base_model $MODEL"
   echo --train --img_path "$CACHE" --train_csv_file "$DATA/train.csv" --val_csv_file "$DATA/val.csv" \
-    --ckpt_path "$1" --snapshot_dir "$1/snapshots" --base_model "$MODEL" --pretrained none \
+    --ckpt_path "$1" --snapshot_dir "$1/snapshots" $backbone --pretrained none \
     --num_workers "$WORKERS" --device "$DEVICE" --quiet $TRAIN_EXTRA
 }
 
@@ -165,8 +172,8 @@ step_infer() {
     for set in test all; do
       local n; n=$(wc -l < "$DATA/$set.csv")
       # shellcheck disable=SC2086
-      run "testpy_cache_${label}_$n" 50 --images "$n" -- "$PY" test.py --model "$ckpt" --test_csv "$DATA/$set.csv" \
-        --test_images "$CACHE" --predictions "$LOGS/pred_${label}_$n" --workers "$WORKERS" --batch_size 256 \
+      run "testpy_cache_${label}_$n" 50 --images "$n" -- "$PY" test.py --model "$ckpt" --test_csv_file "$DATA/$set.csv" \
+        --test_images "$CACHE" --predictions "$LOGS/pred_${label}_$n" --num_workers "$WORKERS" --batch_size 256 \
         --device "$DEVICE" --quiet $flags
     done
     check marginal --name "testpy_cache_${label}_marginal" --small "testpy_cache_${label}_$(wc -l < "$DATA/test.csv")" \
@@ -178,8 +185,8 @@ step_infer() {
     [ "$label" = gpu_decode ] && ! has_flag test.py --gpu_decode && continue
     # shellcheck disable=SC2086
     run "testpy_original_${label}_$IMAGES" 60 --images "$IMAGES" -- "$PY" test.py --model "$ckpt" \
-      --test_csv "$DATA/all.csv" --test_images "$DATA/original" --predictions "$LOGS/pred_orig_${label}" \
-      --workers "$WORKERS" --batch_size 256 --device "$DEVICE" --quiet $flags
+      --test_csv_file "$DATA/all.csv" --test_images "$DATA/original" --predictions "$LOGS/pred_orig_${label}" \
+      --num_workers "$WORKERS" --batch_size 256 --device "$DEVICE" --quiet $flags
   done
 }
 
@@ -206,8 +213,8 @@ step_parity() {
     run parity_checkpoint 150 -- "$PY" main.py $(train_args "$d") --epochs 1
   fi
   # CUDA against CPU on one checkpoint: bf16 (the CUDA default), then float32.
-  local common=(--model "$d/best.pth" --test_csv "$DATA/parity.csv" --test_images "$CACHE" --workers "$WORKERS" --quiet)
-  run parity_cpu 90 -- "$PY" test.py "${common[@]}" --device cpu --predictions "$parity/cpu"
+  local common=(--model "$d/best.pth" --test_csv_file "$DATA/parity.csv" --test_images "$CACHE" --num_workers "$WORKERS" --quiet)
+  run parity_cpu 90 -- "$PY" test.py "${common[@]}" --device cpu --amp off --predictions "$parity/cpu"
   run parity_cuda_auto 45 -- "$PY" test.py "${common[@]}" --device "$DEVICE" --predictions "$parity/cuda_auto"
   run parity_cuda_amp_off 45 -- "$PY" test.py "${common[@]}" --device "$DEVICE" --amp off --predictions "$parity/cuda_off"
   # The same with cuBLAS/cuDNN told to keep TF32 off whatever torch asks: tells a TF32
@@ -242,8 +249,8 @@ step_compile() {
     --compile --resume auto
   check recompiles --name train_compile_resume_recompiles "$LOGS/train_compile_resume.log"
   check check_run --name train_compile_outputs "$c" --epochs $((EPOCHS + 1))
-  run testpy_compiled_result 50 --images "$TEST" -- "$PY" test.py --model "$c/best.pth" --test_csv "$DATA/test.csv" \
-    --test_images "$CACHE" --predictions "$LOGS/pred_compiled" --workers "$WORKERS" --batch_size 256 --device "$DEVICE" --quiet
+  run testpy_compiled_result 50 --images "$TEST" -- "$PY" test.py --model "$c/best.pth" --test_csv_file "$DATA/test.csv" \
+    --test_images "$CACHE" --predictions "$LOGS/pred_compiled" --num_workers "$WORKERS" --batch_size 256 --device "$DEVICE" --quiet
 }
 
 step_profile() {
@@ -252,9 +259,15 @@ step_profile() {
     --batch_size $((BATCH * 2)) --workers "$WORKERS"
 }
 
+step_serve() {
+  # The target: the service at 32 clients at least 70 % of direct batched scoring (ratio_to_direct).
+  run serve_load 300 --records "$LOGS/serve_load.jsonl" -- "$PY" -m bench.serve_load --device "$DEVICE" "${SERVE_ARGS[@]}" \
+    --out "$LOGS/serve_load.jsonl"
+}
+
 for STEP in ${STEPS//,/ }; do
   if ! declare -F "step_$STEP" >/dev/null; then
-    echo "unknown step '$STEP': suite, bench, e2e, infer, train, parity, compile or profile"
+    echo "unknown step '$STEP': suite, bench, e2e, infer, train, parity, compile, serve or profile"
     exit 2
   fi
 done

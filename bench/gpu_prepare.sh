@@ -8,7 +8,7 @@
 #   bash bench/gpu_prepare.sh
 #
 # What is needed: tensorboardX (main.py's TensorBoard logs) and the serving stack
-# (fastapi, uvicorn, python-multipart: serve.py and its tests), with every dependency
+# (fastapi, uvicorn, python-multipart, prometheus-client, fastapi-offline: serve.py and its tests), with every dependency
 # they declare for Python 3.12 on Linux, found from the installed packages' metadata.
 # numpy is left out: the GPU image's torch comes with it, and its wheel alone is 16 MB.
 # On the GPU machine, bench/gpu_check.sh installs them with
@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 DEST=${GPU_CHECK_WHEELS:-.gpu_wheels}
-TOP=(tensorboardX fastapi uvicorn python-multipart)
+TOP=(tensorboardX fastapi uvicorn python-multipart prometheus-client fastapi-offline)
 LIMIT=$((64 * 1024 * 1024))
 
 # name==version of the top-level packages and their declared dependencies, as installed here.
@@ -80,7 +80,7 @@ cat <<EOF
 #   command:   bash bench/gpu_check.sh "\$OUT" STEP
 #   carry:     ["$DEST"]
 #   timeout_s: 600
-# for STEP = suite, bench, e2e, infer, train, compile (then, if a target is missed,
+# for STEP = suite, bench, e2e, infer, train, parity, compile, serve (then, if a target is missed,
 # profile). For example:
 #   run(command='bash bench/gpu_check.sh "\$OUT" suite', carry=["$DEST"], timeout_s=600)
 # After each call, append the returned <date>_<card>.jsonl to bench/results/<date>_<card>.jsonl.

@@ -43,7 +43,8 @@ from engine.flags import ArgumentParser
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Packages the GPU machine's image lacks and bench/gpu_prepare.sh brings as wheels.
-CARRIED = ("tensorboardX", "fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "python-multipart")
+CARRIED = ("tensorboardX", "fastapi", "starlette", "pydantic", "pydantic-core", "uvicorn", "python-multipart",
+           "prometheus-client", "fastapi-offline")
 METRICS_KEYS = ("epoch", "train_loss", "val_emd", "val_srcc_mean", "seconds", "images_per_second")
 
 
@@ -269,6 +270,13 @@ def cmd_run(args) -> int:
         rec["figures"] = len(figures)
         for fig in figures:
             emit({"name": f"{args.name}/{fig.pop('figure')}", **fig})
+    if args.records and os.path.exists(args.records):
+        # bench/serve_load.py's JSON lines: one per mode (direct, or the service at a concurrency).
+        with open(args.records, encoding="utf-8") as f:
+            for line in filter(str.strip, f):
+                r = json.loads(line)
+                at = f"/c{r['concurrency']}" if "concurrency" in r else ""
+                emit({"name": f"{args.name}/{r.get('base_model', '')}/{r.get('mode', '')}{at}", **r})
     emit(rec)
     if rc != 0:
         tail = text[-3000:]
@@ -492,7 +500,7 @@ def cmd_summary(args) -> int:
     keys = ("not_run", "error", "rc", "seconds", "timed_out", "passed", "failed", "skipped", "images_per_s", "images_per_s_wall",
             "loader_wait_ms_per_step", "achieved_tflops", "bf16_matmul_tflops", "copy_tb_per_s", "peak_gpu_memory_gib",
             "graphs_after_first_epoch", "recompiles_after_first_epoch", "metrics_complete", "all_load_on_cpu",
-            "max_abs_mean_diff", "max_abs_prob_diff", "batch_size")
+            "max_abs_mean_diff", "max_abs_prob_diff", "batch_size", "p99_ms", "ratio_to_direct", "errors")
     with open(args.jsonl, encoding="utf-8") as f:
         records = [json.loads(line) for line in f if line.strip()]
     peak = next((r["bf16_matmul_tflops"] for r in records if r.get("bf16_matmul_tflops")), None)
@@ -538,6 +546,7 @@ def get_args_parser():
     s.add_argument("--images", type=int, default=0, help="images the command processes: adds images_per_s_wall")
     s.add_argument("--parse", choices=["pytest", "bench"], default=None)
     s.add_argument("--merge", default=None, help="a JSON file the command writes, merged into the record")
+    s.add_argument("--records", default=None, help="a JSONL file the command writes: each line recorded on its own")
     s.add_argument("command", nargs=argparse.REMAINDER)
     s = sub.add_parser("main")
     s.add_argument("--json", default=None)

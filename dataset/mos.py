@@ -101,7 +101,7 @@ def read_mos_csv(csv_path, img_path, score_range, require_labels=True, require_i
         counts = {w: sum(len(r[3]) == w for r in rows) for w in widths}
         first = {w: next(r[2] for r in rows if len(r[3]) == w) for w in widths}
         kinds = {0: "no MOS", 1: "a MOS without std", 2: "a MOS and a std"}
-        raise LabelFileError(csv_path, [f"0: rows differ: " + ", ".join(
+        raise LabelFileError(csv_path, ["0: rows differ: " + ", ".join(
             f"{counts[w]} with {kinds[w]} (first on line {first[w]})" for w in sorted(widths)) + "; give every row the same columns"])
     table = MosTable(csv_path, ids=[r[0] for r in rows], paths=[r[1] for r in rows], lines=[r[2] for r in rows],
                      score_range=(lo, hi))

@@ -27,10 +27,11 @@ def str2bool(text):
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows every flag's default. A flag whose default is None because it is
     resolved later (from the backbone or a checkpoint) says what it resolves to in its
-    own help text ("default: ..."), which is shown instead of "(default: None)"."""
+    own help text ("default: ..." or "(default ...)"), which is shown instead of "(default: None)"."""
 
     def _get_help_string(self, action):
-        if action.default is None and "default:" in (action.help or ""):
+        text = action.help or ""
+        if action.default is None and ("default:" in text or "(default " in text):
             return action.help
         return super()._get_help_string(action)
 
