@@ -22,7 +22,8 @@ from dataset.mos import LABEL_FORMATS, read_mos_csv, resolve_label_flags
 from dataset.constants import check_tta
 from dataset.sources import resolve_specs, table_source
 from engine.flags import (PARQUET_HINT, UINT8_TRANSFER_CHOICES, ArgumentParser, HelpFormatter, add_decode_flag, add_decode_flags,
-                          add_normalize_flag, add_speed_flags, apply_decode_flags, check_threads, parse_explain)
+                          add_normalize_flag, add_speed_flags, apply_decode_flags, check_batch_flags, check_threads,
+                          parse_explain)
 from engine.score.parts import PART_SIZE
 
 
@@ -88,8 +89,7 @@ def get_args_parser():
 
 def check_flags(args) -> None:
     """Usage errors that need nothing read (ValueError)."""
-    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers is not None and args.num_workers < 0):
-        raise ValueError(f"--batch_size must be >= 1 and --num_workers >= 0, got {args.batch_size} and {args.num_workers}")
+    check_batch_flags(args)
     check_tta(args.tta)
     if args.contact_sheet < 0:
         raise ValueError(f"--contact_sheet must be >= 0 (0: no contact sheet), got {args.contact_sheet}")

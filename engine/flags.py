@@ -147,6 +147,13 @@ def add_decode_flag(parser) -> None:
                              "docs/performance.md")
 
 
+def check_batch_flags(args) -> None:
+    """--batch_size and --num_workers of the commands that score collections (None: the
+    command's default)."""
+    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers is not None and args.num_workers < 0):
+        raise ValueError(f"--batch_size must be >= 1 and --num_workers >= 0, got {args.batch_size} and {args.num_workers}")
+
+
 def check_threads(threads) -> None:
     if threads is not None and threads < 1:
         raise ValueError(f"--threads must be >= 1 (leave it out for one per core), got {threads}")

@@ -202,3 +202,14 @@ def test_check_images_cli_min_size(tmp_path, min_size, listed):
     report = list(out.glob("*.csv"))
     rows = [r for p in report for r in csv.DictReader(open(p, newline=""))]
     assert sorted(r["path"].rsplit("/", 1)[1] for r in rows) == listed
+
+
+@pytest.mark.parametrize("flags,ok", [(("--batch_size", "1"), True), (("--batch_size", "0"), False),
+                                      (("--num_workers", "0"), True), (("--num_workers", "-1"), False),
+                                      (("--workers", "-1"), False)])
+def test_test_py_batch_size_and_workers_at_their_edges(seven, tiny_ckpt, tmp_path, capsys, flags, ok):
+    code = run_test(["--model", str(tiny_ckpt), "--test_images", str(seven), "--predictions", str(tmp_path / "out"), *flags])
+    assert code == (0 if ok else 2)
+    if not ok:
+        assert "--batch_size must be >= 1 and --num_workers >= 0" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -29,7 +29,7 @@ import numpy as np
 # torch; the functions that need it import the rest.
 from dataset.images import DEFAULT_MAX_PIXELS, check_max_pixels
 from dataset.mos import LABEL_FORMATS
-from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag
+from engine.flags import ArgumentParser, HelpFormatter, add_normalize_flag, check_batch_flags
 
 KEPT_FIGURES = ("emd", "srcc_mean", "plcc_mean", "accuracy")
 
@@ -60,8 +60,7 @@ def get_args_parser():
 
 def check_args(args) -> None:
     """Usage errors found before anything is read (ValueError)."""
-    if (args.batch_size is not None and args.batch_size < 1) or (args.num_workers is not None and args.num_workers < 0):
-        raise ValueError(f"--batch_size must be >= 1 and --num_workers >= 0, got {args.batch_size} and {args.num_workers}")
+    check_batch_flags(args)
     check_max_pixels(args.max_image_pixels)
     if os.path.abspath(args.out) == os.path.abspath(args.model):
         raise ValueError(f"--out {args.out} is --model: write the calibrated checkpoint to a new file, "
