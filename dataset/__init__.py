@@ -5,7 +5,7 @@ import importlib
 
 _HOMES = {"ImageDataset": "datasets",
           "IMAGE_EXTENSIONS": "images", "ImageReadError": "images", "find_images": "images", "load_rgb": "images",
-          "LabelFileError": "labels", "LabelTable": "labels", "read_label_csv": "labels",
+          "LabelFileError": "label_text", "LabelTable": "labels", "read_label_csv": "labels",
           "EpochShuffleSampler": "samplers", "ShardSampler": "samplers",
           "TTACrops": "transforms", "eval_transform": "transforms", "train_transform": "transforms"}
 __all__ = sorted(_HOMES)

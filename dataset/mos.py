@@ -18,8 +18,8 @@ import numpy as np
 
 from model.constants import NUM_BINS
 
-from .labels import (ImageIndex, LabelFileError, LabelTable, SameFileCheck, checked_widths, column_count_problems, label_rows,
-                     parse_number, read_label_text, row_image, show_cell)
+from .label_text import LabelFileError, column_count_problems, label_rows, parse_number, read_label_text, show_cell
+from .labels import ImageIndex, LabelTable, SameFileCheck, checked_widths, row_image
 from .maxent import maxent_distributions
 
 LABEL_FORMATS = ("distribution", "mos")

@@ -5,7 +5,7 @@ import re
 import zipfile
 from xml.etree import ElementTree
 
-from dataset.labels import LabelFileError
+from dataset.label_text import LabelFileError
 
 _NS = "{http://schemas.openxmlformats.org/spreadsheetml/2006/main}"
 

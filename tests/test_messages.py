@@ -15,7 +15,8 @@ import main as main_cli
 import serve as serve_cli
 import test as test_cli
 from conftest import ROOT, run_main, run_test, tiny_train_args
-from dataset.labels import LabelFileError, read_label_csv, sniff_delimiter
+from dataset.label_text import LabelFileError, sniff_delimiter
+from dataset.labels import read_label_csv
 from dataset.mos import read_mos_csv
 from engine.explain.pixels import safe_name
 from engine.flags import ArgumentParser, closest_flags

@@ -12,7 +12,7 @@ from scipy.optimize import linprog, minimize
 from scipy.stats import pearsonr, spearmanr
 
 from conftest import run_main, run_test, tiny_train_args
-from dataset.labels import LabelFileError
+from dataset.label_text import LabelFileError
 from dataset.maxent import TOLERANCE, maxent_distributions, moments, std_bounds
 from dataset.mos import from_bins, read_mos_csv, to_bins
 

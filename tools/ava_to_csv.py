@@ -32,7 +32,8 @@ import numpy as np
 
 from dataset.images import is_image_file
 from dataset.images import DEFAULT_MAX_PIXELS
-from dataset.labels import NUM_BINS, ImageIndex, LabelFileError, read_label_text, show_cell, split_lines
+from dataset.label_text import LabelFileError, read_label_text, show_cell, split_lines
+from dataset.labels import NUM_BINS, ImageIndex
 from engine.flags import ArgumentParser
 from fileio import atomic_write_text
 from tools.check_images import check_paths

@@ -28,7 +28,8 @@ import time
 
 from dataset.decode_limits import decode_limits
 from dataset.images import DEFAULT_MAX_PIXELS, ImageReadError, find_images, load_rgb, read_image_size
-from dataset.labels import ImageIndex, LabelFileError, expected_path, label_rows, read_label_text, split_lines
+from dataset.label_text import LabelFileError, label_rows, read_label_text, split_lines
+from dataset.labels import ImageIndex, expected_path
 from engine.flags import ArgumentParser
 from fileio import atomic_path, atomic_write_text
 from engine.flags import add_decode_flags, apply_decode_flags

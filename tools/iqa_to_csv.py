@@ -36,7 +36,7 @@ import zipfile
 
 import numpy as np
 
-from dataset.labels import LabelFileError, parse_number, read_label_text, show_cell, split_lines
+from dataset.label_text import LabelFileError, parse_number, read_label_text, show_cell, split_lines
 from dataset.maxent import maxent_distributions
 from dataset.mos import std_to_bins, to_bins
 from engine.flags import ArgumentParser

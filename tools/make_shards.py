@@ -27,7 +27,8 @@ import sys
 import tarfile
 
 from dataset.images import find_images
-from dataset.labels import LabelFileError, read_label_csv
+from dataset.label_text import LabelFileError
+from dataset.labels import read_label_csv
 from engine.flags import ArgumentParser, HelpFormatter
 from fileio import OutputWriteError, atomic_path
 
