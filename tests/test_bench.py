@@ -94,10 +94,10 @@ def test_timed_batches_counts_only_steps_after_warmup():
 def test_gpu_check_helpers(tmp_path, monkeypatch, capsys):
     """bench/gpu_steps.py's parsers and comparisons (the device run has no second try),
     and gpu_check.sh's syntax."""
-    from bench import gpu_steps
+    from bench import gpu_records, gpu_steps
     log = "training\nV1 Recompiling function forward in nima.py:27\nepoch 1: train EMD 0.2\n" \
           "Recompiling function forward in nima.py:27\nepoch 2: train EMD 0.1\nepoch 3: train EMD 0.1\n"
-    assert gpu_steps.count_recompiles(log) == [1, 1, 0, 0]
+    assert gpu_records.count_recompiles(log) == [1, 1, 0, 0]
     counts = gpu_steps._pytest_counts("FAILED tests/test_a.py::test_x - AssertionError\n"
                                       "1 failed, 140 passed, 6 skipped in 150.2s\n")
     assert counts == {"failed": 1, "passed": 140, "skipped": 6, "failing": ["tests/test_a.py::test_x"]}
@@ -111,12 +111,21 @@ def test_gpu_check_helpers(tmp_path, monkeypatch, capsys):
             header + f"x.jpg,5.5,1.0,{p1}," + ",".join(["0.1"] * 9) + "\n")
     assert gpu_steps.main(["compare", "--name", "cmp", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     for name, images, seconds in (("small", 1000, 11.0), ("big", 10000, 20.0)):
-        gpu_steps.emit({"name": name, "rc": 0, "images": images, "seconds": seconds})
+        gpu_records.emit({"name": name, "rc": 0, "images": images, "seconds": seconds})
     assert gpu_steps.main(["marginal", "--name", "m", "--small", "small", "--big", "big"]) == 0
     records = {r["name"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
     assert records["cmp"]["step"] == "parity" and records["cmp"]["max_abs_prob_diff"] == pytest.approx(2e-5)
     assert records["cmp"]["within"] == {"1e-05": False, "0.0001": True, "0.001": True, "0.01": True}
     assert records["m"]["images_per_s"] == pytest.approx(1000.0) and records["m"]["startup_seconds"] == pytest.approx(10.0)
     assert gpu_steps.main(["summary", str(jsonl)]) == 0 and "m: images_per_s=1000" in capsys.readouterr().out
+    # run --records: each line of the file the command wrote becomes a record of its own.
+    serve = tmp_path / "serve.jsonl"
+    serve.write_text('{"mode": "direct", "base_model": "vgg16", "images_per_s": 100.0}\n'
+                     '{"mode": "service", "base_model": "vgg16", "concurrency": 32, "ratio_to_direct": 0.75}\n')
+    assert gpu_steps.main(["run", "--name", "serve_load", "--log", str(tmp_path / "s.log"), "--records", str(serve),
+                           "--", sys.executable, "-c", "pass"]) == 0
+    records = {r["name"]: r for r in map(json.loads, jsonl.read_text().splitlines())}
+    assert records["serve_load/vgg16/direct"]["images_per_s"] == 100.0
+    assert records["serve_load/vgg16/service/c32"]["ratio_to_direct"] == 0.75 and records["serve_load"]["rc"] == 0
     for script in ("bench/gpu_check.sh", "bench/gpu_prepare.sh"):
         assert subprocess.run(["bash", "-n", os.path.join(ROOT, script)]).returncode == 0

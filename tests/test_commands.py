@@ -17,7 +17,8 @@ from conftest import ROOT
 COMMAND_FILES = sorted(p for p in glob.glob(os.path.join(ROOT, "tools", "*.py")) + glob.glob(os.path.join(ROOT, "bench", "*.py"))
                        if not os.path.basename(p).startswith("_"))
 # Helpers of the benchmarks, not commands: run by path they say so (exit 2).
-BENCH_LIBRARIES = {"bench/attacks.py", "bench/ava_like.py", "bench/figures.py", "bench/serve_clients.py", "bench/timing.py"}
+BENCH_LIBRARIES = {"bench/attacks.py", "bench/ava_like.py", "bench/figures.py", "bench/gpu_machine.py", "bench/gpu_records.py",
+                   "bench/gpu_training.py", "bench/serve_clients.py", "bench/timing.py"}
 DOC_FILES = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))
 
 
