@@ -175,8 +175,10 @@ def compare(a: tuple, b: tuple) -> dict:
     return row
 
 
-def measure(data, demo_images=120, demo_epochs=30, which=("bf16", "draft"), models=None) -> list:
-    """Every comparison as a row: checkpoint, change (bf16 or draft), image set, figures."""
+def measure(data, demo_images=120, demo_epochs=30, which=("bf16", "draft"), models=None, only=None) -> list:
+    """Every comparison as a row: checkpoint, change (bf16 or draft), image set, figures.
+    `only`: the (checkpoint, change, image set) comparisons to make, when not every one of
+    `which` x `models`."""
     photos = photo_set(os.path.join(data, "photos"))
     camera = camera_set(os.path.join(data, "camera"))
     (small, labels), (big, _) = labelled_sets(os.path.join(data, "labelled"), demo_images)
@@ -194,6 +196,8 @@ def measure(data, demo_images=120, demo_epochs=30, which=("bf16", "draft"), mode
             plans += [("draft", "camera", camera, None, ["--amp", "off", "--exact_decode"], ["--amp", "off"]),
                       ("draft", "labelled_big", big, labels, ["--amp", "off", "--exact_decode"], ["--amp", "off"])]
         for change, set_name, images, set_labels, ref_flags, new_flags in plans:
+            if only is not None and (name, change, set_name) not in only:
+                continue
             ref = score(ckpt, images, os.path.join(out, f"{name}_{set_name}_ref"), ref_flags, set_labels)
             new = score(ckpt, images, os.path.join(out, f"{name}_{set_name}_{change}"), new_flags, set_labels)
             rows.append({"checkpoint": name, "change": change, "set": set_name, **compare(ref, new)})
