@@ -4,7 +4,7 @@ shards, with 1 and 2 processes (torchrun).
 
     python -m bench.score_collection [--images 20000] [--device cpu] [--out results.jsonl]
     python -m bench.score_collection --device cuda --gpu_decode   # each run also with test.py --gpu_decode
-    python -m bench.score_collection --quick      # 300 images, 2 of the runs: a smoke run (the test suite runs it)
+    python -m bench.score_collection --quick      # 60 images, 2 of the runs: a smoke run (the test suite runs it)
 
 The model is tiny_cnn at its own size (64 px crops of a 72 px resize, random weights),
 so the data path (listing or tar reading, JPEG decoding, resizing, batching, part
@@ -85,14 +85,14 @@ def get_args_parser():
     p.add_argument("--gpu_decode", action="store_true",
                    help="each run also with test.py --gpu_decode (the JPEGs decoded on --device in the main process)")
     p.add_argument("--quick", action="store_true",
-                   help="300 images (4 distinct) in shards of 100, the folder with 1 process and the shards with 2: a smoke run")
+                   help="60 images (4 distinct) in shards of 20, the folder with 1 process and the shards with 2: a smoke run")
     return p
 
 
 def main(argv=None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.quick:
-        args.images, args.shard_size = 300, 100
+        args.images, args.shard_size = 60, 20
     if args.threads > 0:  # inherited by every command below (torchrun keeps a value it is given)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory() as tmp:

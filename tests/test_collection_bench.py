@@ -21,4 +21,4 @@ def test_score_collection_bench_quick_mode(tmp_path):
         ("folder", 1, "test.py"), ("folder", 1, "test.py --gpu_decode"),
         ("shards", 2, "test.py"), ("shards", 2, "test.py --gpu_decode")]
     for r in rows:
-        assert r["images"] == 300 and r["shards"] == 3 and r["images_per_s"] > 0 and r["peak_pss_mb"] > 0
+        assert r["images"] == 60 and r["shards"] == 3 and r["images_per_s"] > 0 and r["peak_pss_mb"] > 0
