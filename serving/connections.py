@@ -12,7 +12,8 @@ slowly or not at all.
              --header_timeout seconds.
   limit      at most --max_connections open. One more arriving makes room by closing
              the connection that has waited longest for a request, if that is 2 s or
-             more (none has: it is idle). Else the newcomer is refused: its request
+             more (none has: it is idle), with a JSON 503 and Retry-After (a client that
+             was only slow to send reads that, not a reset). Else the newcomer is refused: its request
              read (body drained, so the answer is not lost to a reset), then a JSON
              503 with Retry-After and Connection: close. Beyond 64 connections being
              refused (a flood), the idlest connection of any age is closed to make
@@ -104,8 +105,8 @@ class ConnectionGuard:
             self.connections = new.connections
         if self._ticking is None:
             self._ticking = new.loop.call_later(TICK_S, self._tick, new.loop)
-        # Those being closed still count in the set until their close completes.
-        over = sum(not c.transport.is_closing() for c in self.connections) - self.limits.max_connections
+        # Those being closed (or answered and lingering a moment before the close) no longer count.
+        over = sum(not (c.transport.is_closing() or c.lingering) for c in self.connections) - self.limits.max_connections
         if over <= 0:
             return
         victim = self._idlest(new, EVICT_AFTER_S)
@@ -114,7 +115,11 @@ class ConnectionGuard:
             # young (a flood's own), before closing the newcomer unanswered.
             victim = self._idlest(new, 0.0)
         if victim is not None:
-            victim.close_for("evicted_idle", answer=None)
+            # Answered, not just closed: a client that was only slow to send its request reads a
+            # JSON 503 instead of a connection reset.
+            victim.close_for("evicted_idle", answer=(503, b"Service Unavailable", "busy", (
+                f"the server is at --max_connections {self.limits.max_connections} and this connection had sent "
+                f"no request; retry in a few seconds"), 2))
         elif over > REFUSE_BACKLOG:
             new.close_for("refused_unanswered", answer=None)
         else:
@@ -127,7 +132,7 @@ class ConnectionGuard:
         best = None
         for conn in self.connections:
             if (conn is not new and conn.waiting_for_request() and now - conn.waiting_since >= min_wait
-                    and not conn.transport.is_closing() and not unread_bytes(conn.transport)
+                    and not conn.transport.is_closing() and not conn.lingering and not unread_bytes(conn.transport)
                     and (best is None or conn.waiting_since < best.waiting_since)):
                 best = conn
         return best

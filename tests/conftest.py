@@ -463,6 +463,22 @@ def closed_by_server(sock) -> bool:
         return True
 
 
+def read_until_closed(sock):
+    """What the server sent on `sock` before closing it (b"" for nothing), or None when it
+    did not close it within the socket's timeout."""
+    received = b""
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return received
+            received += data
+    except ConnectionResetError:
+        return received
+    except TimeoutError:
+        return None
+
+
 def post_head(length: int, path="/score", content_type="image/jpeg") -> bytes:
     """A POST's request line and header, announcing a body of `length` bytes."""
     return (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
