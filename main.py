@@ -154,7 +154,7 @@ def main(args) -> int:
             code = train(args, rt)
         if args.test and code == 0:
             distributed.barrier(rt.dist)  # every rank must read the best.pth rank 0 has just written
-            from engine.train.test_split import score_test_split
+            from engine.train.holdout import score_test_split
             code = score_test_split(args, rt)
         return code
     except (ValueError, PretrainedWeightsError, CheckpointError, OutputWriteError) as exc:  # ValueError: UsageError, ResumeError, LabelFileError
