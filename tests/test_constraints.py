@@ -64,10 +64,14 @@ def test_check_requirements_names_an_unreadable_constraints_file(tmp_path, capsy
 @pytest.mark.subprocess
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_installs_with_the_constraints_unless_told_not_to():
-    pinned = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    # A make of its own: under `make test CONSTRAINTS=` the outer make's variables would
+    # reach this one through MAKEFLAGS.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "CONSTRAINTS")}
+    pinned = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env).stdout
     assert "tools/check_requirements.py --constraints constraints.txt requirements.txt" in pinned
     assert "pip install --progress-bar on -c constraints.txt -r requirements.txt" in pinned
     assert "--device cpu" in pinned and "OMP_NUM_THREADS=2" in pinned
-    ranges = subprocess.run(["make", "-n", "demo", "CONSTRAINTS="], cwd=ROOT, capture_output=True, text=True, timeout=60).stdout
+    ranges = subprocess.run(["make", "-n", "demo", "CONSTRAINTS="], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                            env=env).stdout
     assert "tools/check_requirements.py  requirements.txt" in ranges or "tools/check_requirements.py requirements.txt" in ranges
     assert "constraints" not in ranges
