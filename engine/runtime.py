@@ -140,7 +140,8 @@ def describe_runtime(rt: Runtime, model_args: dict, workers: int = None, worker_
              "channels_last" if rt.channels_last else "contiguous layout",
              f"{torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}"]
     if workers is not None:
-        parts.append(f"{workers} {worker_name}{'s' if workers != 1 else ''}")
+        plural = worker_name + ("es" if worker_name.endswith("s") else "s")  # "decoding processes"
+        parts.append(f"{workers} {worker_name if workers == 1 else plural}")
     parts.append("JPEGs on the device" if rt.gpu_decode else ("JPEG draft decoding" if rt.jpeg_draft else "exact decoding"))
     return "runtime: " + ", ".join(parts)
 

@@ -273,3 +273,14 @@ def test_one_unreadable_image_is_counted_in_the_singular(tiny_ckpt, tmp_path, ca
                      "--workers", "0", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "1 image could not be read; see" in err and "image(s)" not in err
+
+
+@pytest.mark.parametrize("workers,name,shown", [(1, "decoding process", "1 decoding process,"),
+                                                (2, "decoding process", "2 decoding processes,"),
+                                                (1, "loader worker", "1 loader worker,"),
+                                                (3, "loader worker", "3 loader workers,")])
+def test_the_runtime_line_counts_its_workers_in_words(workers, name, shown):
+    import torch
+    from engine.runtime import Runtime, describe_runtime
+    line = describe_runtime(Runtime(torch.device("cpu")), {"base_model": "tiny_cnn"}, workers, name)
+    assert shown in line and "processs" not in line
