@@ -16,13 +16,13 @@ if not __package__:  # run by path (python bench/cpu_layouts.py): run as python 
     import _by_path
     _by_path.run_as_module(__file__)
 
-import json
 import os
 import sys
 import time
 
 import torch
 
+from bench.cpu_scoring import append_jsonl
 from bench.timing import cpu_model_name
 from engine.flags import ArgumentParser
 from model import build_model, default_model_args, list_backbones
@@ -86,8 +86,7 @@ def main(argv=None) -> int:
         print(f"{name:<20} {row['image_size']:>4}  " + " ".join(f"{row[label + '_images_per_s']:>10.1f}" for label, _, _ in SETTINGS)
               + f"  {row['fastest']}", flush=True)
     if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        append_jsonl(args.out, rows)
     return 0
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from bench.ava_like import PHOTOS, camera_frame
+from bench.cpu_scoring import append_jsonl
 from engine.flags import ArgumentParser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -228,8 +229,7 @@ def main(argv=None) -> int:
         print(f"{r['checkpoint']:<14} {r['change']:<6} {r['set']:<13} {r['images']:>6} {r['spread_of_means']:>7.3f} "
               f"{r['max_abs_mean_diff']:>11.4f} {r['mean_abs_mean_diff']:>12.4f} {r['spearman_means']:>9.5f} {metric:>18}")
     if args.out:
-        with open(args.out, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        append_jsonl(args.out, rows)
     return 0
 
 
