@@ -39,6 +39,7 @@ EVICT_AFTER_S = 2.0         # a connection waiting for less than this is not tak
                             # a while between connecting and sending)
 REFUSE_BACKLOG = 64         # refused connections being answered at once, beyond which more are closed unanswered
 DRAIN_LIMIT = 64 * 1024 * 1024   # most body bytes read and dropped before a refusal
+RETRY_AFTER_S = 2           # the Retry-After of the guard's 503s
 LINGER_S = 2.0              # after a 408, how long what the client still sends is read and dropped
 
 
@@ -106,7 +107,7 @@ class ConnectionGuard:
         if self._ticking is None:
             self._ticking = new.loop.call_later(TICK_S, self._tick, new.loop)
         # Those being closed (or answered and lingering a moment before the close) no longer count.
-        over = sum(not (c.transport.is_closing() or c.lingering) for c in self.connections) - self.limits.max_connections
+        over = sum(not c.on_its_way_out() for c in self.connections) - self.limits.max_connections
         if over <= 0:
             return
         victim = self._idlest(new, EVICT_AFTER_S)
@@ -119,7 +120,7 @@ class ConnectionGuard:
             # JSON 503 instead of a connection reset.
             victim.close_for("evicted_idle", answer=(503, b"Service Unavailable", "busy", (
                 f"the server is at --max_connections {self.limits.max_connections} and this connection had sent "
-                f"no request; retry in a few seconds"), 2))
+                f"no request; retry in a few seconds"), RETRY_AFTER_S))
         elif over > REFUSE_BACKLOG:
             new.close_for("refused_unanswered", answer=None)
         else:
@@ -132,7 +133,7 @@ class ConnectionGuard:
         best = None
         for conn in self.connections:
             if (conn is not new and conn.waiting_for_request() and now - conn.waiting_since >= min_wait
-                    and not conn.transport.is_closing() and not conn.lingering and not unread_bytes(conn.transport)
+                    and not conn.on_its_way_out() and not unread_bytes(conn.transport)
                     and (best is None or conn.waiting_since < best.waiting_since)):
                 best = conn
         return best
@@ -154,7 +155,7 @@ class ConnectionGuard:
             f"every one of the {self.limits.max_connections} connections (--max_connections) has a request in progress; "
             "retry in a few seconds")}).encode()
         await send({"type": "http.response.start", "status": 503, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"retry-after", b"2"),
+            (b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), (b"retry-after", b"%d" % RETRY_AFTER_S),
             (b"connection", b"close"), (b"x-content-type-options", b"nosniff")]})
         await send({"type": "http.response.body", "body": body})
 
@@ -162,7 +163,7 @@ class ConnectionGuard:
         self._ticking = loop.call_later(TICK_S, self._tick, loop)
         now = time.monotonic()
         for conn in list(self.connections or ()):
-            if not conn.transport.is_closing() and not conn.lingering:
+            if not conn.on_its_way_out():
                 conn.check_timeouts(now, self.limits)
 
 
@@ -182,6 +183,11 @@ class GuardedH11Protocol(H11Protocol):
         self.answered_at = None       # the last answer's end, while the rest of its body is dropped
         self.lingering = False        # answered by the guard: reading and dropping until the close
         self.guard.admit(self)
+
+    def on_its_way_out(self) -> bool:
+        """Closing, or answered by the guard and lingering a moment before the close: no
+        longer counted toward --max_connections, checked for timeouts or chosen to close."""
+        return self.transport.is_closing() or self.lingering
 
     def waiting_for_request(self) -> bool:
         return self.conn.their_state is h11.IDLE and (self.cycle is None or self.cycle.response_complete)
